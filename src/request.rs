@@ -1,0 +1,584 @@
+//! Step 2 of the request flow: the pure URL parser.
+//!
+//! Owns the grammar `/{model}/{type}/{id}/{version}[-q{Q}].{ext}` (SPEC §1), the rules that refuse a
+//! name before any I/O (404 / 400 / 406), and the canonical name that equivalent URLs share
+//! (`x300` ≡ `300x300`, `jpeg` ≡ `jpg`, `-q{default}` ≡ no `-q`). No I/O, no allocation beyond the
+//! parsed parts; property-tested below.
+
+use std::fmt;
+
+/// Largest number accepted in a version or quality (five digits, SPEC §1).
+pub const MAX_NUMBER: u32 = 99_999;
+
+/// An output format, picked by the URL's extension.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Format {
+    /// `jpg` / `jpeg`.
+    Jpeg,
+    /// `png`.
+    Png,
+    /// `webp`.
+    Webp,
+    /// `avif`.
+    Avif,
+    /// `gif`.
+    Gif,
+}
+
+impl Format {
+    /// Every format, in a fixed order.
+    pub const ALL: [Format; 5] = [
+        Format::Jpeg,
+        Format::Png,
+        Format::Webp,
+        Format::Avif,
+        Format::Gif,
+    ];
+
+    /// The format named by a URL extension (`jpeg` is `jpg`). Lower case only.
+    pub fn from_ext(ext: &str) -> Option<Format> {
+        match ext {
+            "jpg" | "jpeg" => Some(Format::Jpeg),
+            "png" => Some(Format::Png),
+            "webp" => Some(Format::Webp),
+            "avif" => Some(Format::Avif),
+            "gif" => Some(Format::Gif),
+            _ => None,
+        }
+    }
+
+    /// The canonical extension.
+    pub fn ext(self) -> &'static str {
+        match self {
+            Format::Jpeg => "jpg",
+            Format::Png => "png",
+            Format::Webp => "webp",
+            Format::Avif => "avif",
+            Format::Gif => "gif",
+        }
+    }
+
+    /// The `Content-Type` of this format.
+    pub fn mime(self) -> &'static str {
+        match self {
+            Format::Jpeg => "image/jpeg",
+            Format::Png => "image/png",
+            Format::Webp => "image/webp",
+            Format::Avif => "image/avif",
+            Format::Gif => "image/gif",
+        }
+    }
+
+    /// Whether the format's encoder uses a quality setting (PNG and GIF do not).
+    pub fn uses_quality(self) -> bool {
+        matches!(self, Format::Jpeg | Format::Webp | Format::Avif)
+    }
+}
+
+impl fmt::Display for Format {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.ext())
+    }
+}
+
+/// The requested geometry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Version {
+    /// `{W}x{H}` or `x{N}`: exactly W×H, scaled to cover then cropped.
+    Cover {
+        /// Output width.
+        width: u32,
+        /// Output height.
+        height: u32,
+    },
+    /// `w{N}`: width N, height from the aspect ratio.
+    Width(u32),
+    /// `h{N}`: height N, width from the aspect ratio.
+    Height(u32),
+    /// `full_size`: original dimensions, re-encoded.
+    FullSize,
+}
+
+impl Version {
+    /// The width this version asks for, if it names one.
+    pub fn width(&self) -> Option<u32> {
+        match *self {
+            Version::Cover { width, .. } | Version::Width(width) => Some(width),
+            _ => None,
+        }
+    }
+
+    /// The height this version asks for, if it names one.
+    pub fn height(&self) -> Option<u32> {
+        match *self {
+            Version::Cover { height, .. } | Version::Height(height) => Some(height),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Version {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Version::Cover { width, height } => write!(f, "{width}x{height}"),
+            Version::Width(w) => write!(f, "w{w}"),
+            Version::Height(h) => write!(f, "h{h}"),
+            Version::FullSize => f.write_str("full_size"),
+        }
+    }
+}
+
+/// Why a URL was refused. Each maps to one status in [`crate::error::Error::status`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RequestError {
+    /// The path matches no route (wrong shape, forbidden characters): 404.
+    #[error("no route")]
+    NoRoute,
+    /// The version name does not parse (`random.jpg`): 404, seed parity.
+    #[error("unknown version")]
+    UnknownVersion,
+    /// A number parses as digits but is out of range (0, leading zero, > 99999, `-q0`, `-q101`): 400.
+    #[error("number out of range")]
+    OutOfRange,
+    /// Width or height over `maximum_width` / `maximum_height`: 406, seed parity.
+    #[error("size over the configured maximum")]
+    TooLarge,
+    /// The extension is not in `whitelisted_extensions`: 406, seed parity.
+    #[error("extension not allowed")]
+    ExtensionNotAllowed,
+    /// The version is not in `allowed_sizes`: 406.
+    #[error("size not allowed")]
+    SizeNotAllowed,
+}
+
+/// The rules a parsed name is checked against (from [`crate::config::Config`]).
+#[derive(Clone, Debug)]
+pub struct Rules {
+    /// `maximum_width`.
+    pub maximum_width: u32,
+    /// `maximum_height`.
+    pub maximum_height: u32,
+    /// `whitelisted_extensions`, as formats.
+    pub whitelist: Vec<Format>,
+    /// Default quality per format (JPEG, WebP, AVIF; PNG/GIF ignore it).
+    pub default_quality: DefaultQuality,
+    /// `allowed_sizes`, canonical version names (`300x400`, `w200`, `full_size`), if restricted.
+    pub allowed_sizes: Option<Vec<String>>,
+}
+
+/// Default quality per lossy format (SPEC §3).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DefaultQuality {
+    /// JPEG (`default_quality`, seed default 75).
+    pub jpeg: u8,
+    /// WebP (75).
+    pub webp: u8,
+    /// AVIF (50).
+    pub avif: u8,
+}
+
+impl Default for DefaultQuality {
+    fn default() -> Self {
+        DefaultQuality {
+            jpeg: 75,
+            webp: 75,
+            avif: 50,
+        }
+    }
+}
+
+impl DefaultQuality {
+    /// The default quality for a format (PNG and GIF report 100: they ignore it).
+    pub fn for_format(&self, format: Format) -> u8 {
+        match format {
+            Format::Jpeg => self.jpeg,
+            Format::Webp => self.webp,
+            Format::Avif => self.avif,
+            Format::Png | Format::Gif => 100,
+        }
+    }
+}
+
+impl Default for Rules {
+    fn default() -> Self {
+        Rules {
+            maximum_width: 2048,
+            maximum_height: 2048,
+            whitelist: Format::ALL.to_vec(),
+            default_quality: DefaultQuality::default(),
+            allowed_sizes: None,
+        }
+    }
+}
+
+/// A parsed, validated image request.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct ImageRequest {
+    /// `model` (e.g. `product`).
+    pub model: String,
+    /// `type` (e.g. `image`).
+    pub kind: String,
+    /// `id` (e.g. `10855050`).
+    pub id: String,
+    /// The geometry.
+    pub version: Version,
+    /// The quality asked for, `None` when it is the format's default (so equivalent names share a key).
+    pub quality: Option<u8>,
+    /// The output format named by the extension.
+    pub format: Format,
+}
+
+/// A canonical cache key: `{model}/{type}/{id}/{canonical file name}`.
+///
+/// Equivalent URLs produce the same key; it is also the result store's object key below its prefix.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct CacheKey(String);
+
+impl CacheKey {
+    /// The key as a string.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for CacheKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl ImageRequest {
+    /// Parses and validates a request path (without the query). Never allocates more than the parts.
+    pub fn parse(path: &str, rules: &Rules) -> Result<ImageRequest, RequestError> {
+        let rest = path.strip_prefix('/').ok_or(RequestError::NoRoute)?;
+        let mut parts = rest.split('/');
+        let (Some(model), Some(kind), Some(id), Some(file), None) = (
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+        ) else {
+            return Err(RequestError::NoRoute);
+        };
+        if !valid_segment(model, 64, false) || !valid_segment(kind, 64, false) {
+            return Err(RequestError::NoRoute);
+        }
+        if !valid_segment(id, 128, true) {
+            return Err(RequestError::NoRoute);
+        }
+        let (stem, ext) = file.rsplit_once('.').ok_or(RequestError::NoRoute)?;
+        if ext.is_empty()
+            || ext.len() > 8
+            || !ext
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+        {
+            return Err(RequestError::NoRoute);
+        }
+        // The stem may only hold the characters of the grammar; anything else is no route.
+        if stem.is_empty()
+            || stem.len() > 32
+            || !stem
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+        {
+            return Err(RequestError::NoRoute);
+        }
+        let (version_str, quality) = match stem.rsplit_once("-q") {
+            Some((v, q)) if !q.is_empty() && q.bytes().all(|b| b.is_ascii_digit()) => {
+                let q = parse_number(q)?;
+                if q > 100 {
+                    return Err(RequestError::OutOfRange);
+                }
+                (v, Some(q as u8))
+            }
+            _ => (stem, None),
+        };
+        let version = parse_version(version_str)?;
+        let format = Format::from_ext(ext).ok_or(RequestError::ExtensionNotAllowed)?;
+        if !rules.whitelist.contains(&format) {
+            return Err(RequestError::ExtensionNotAllowed);
+        }
+        if version.width().is_some_and(|w| w > rules.maximum_width)
+            || version.height().is_some_and(|h| h > rules.maximum_height)
+        {
+            return Err(RequestError::TooLarge);
+        }
+        if let Some(allowed) = &rules.allowed_sizes {
+            let name = version.to_string();
+            if !allowed.iter().any(|a| *a == name) {
+                return Err(RequestError::SizeNotAllowed);
+            }
+        }
+        let quality = match quality {
+            Some(q) if !format.uses_quality() => {
+                // PNG and GIF ignore Q: every -q form shares the one entry.
+                let _ = q;
+                None
+            }
+            Some(q) if q == rules.default_quality.for_format(format) => None,
+            other => other,
+        };
+        Ok(ImageRequest {
+            model: model.to_owned(),
+            kind: kind.to_owned(),
+            id: id.to_owned(),
+            version,
+            quality,
+            format,
+        })
+    }
+
+    /// The canonical file name for an output format: `{version}[-q{Q}].{ext}`.
+    ///
+    /// `format` may differ from [`ImageRequest::format`] when `auto_format` picked another one; the
+    /// quality then follows the picked format's default unless the URL named one.
+    pub fn canonical_name(&self, format: Format) -> String {
+        match self.quality {
+            Some(q) if format.uses_quality() => format!("{}-q{}.{}", self.version, q, format.ext()),
+            _ => format!("{}.{}", self.version, format.ext()),
+        }
+    }
+
+    /// `{model}/{type}/{id}`: names the original (cache tags, purge, originals cache).
+    pub fn original_id(&self) -> String {
+        format!("{}/{}/{}", self.model, self.kind, self.id)
+    }
+
+    /// The cache key for this request rendered as `format`.
+    pub fn cache_key(&self, format: Format) -> CacheKey {
+        CacheKey(format!(
+            "{}/{}",
+            self.original_id(),
+            self.canonical_name(format)
+        ))
+    }
+
+    /// The quality to encode with: the URL's, else the format's default.
+    pub fn effective_quality(&self, format: Format, defaults: &DefaultQuality) -> u8 {
+        self.quality
+            .unwrap_or_else(|| defaults.for_format(format))
+    }
+}
+
+/// `[a-z0-9_-]` (model, type) or `[A-Za-z0-9_-]` (id), 1..=max bytes.
+fn valid_segment(s: &str, max: usize, upper: bool) -> bool {
+    !s.is_empty()
+        && s.len() <= max
+        && s.bytes().all(|b| {
+            b.is_ascii_lowercase()
+                || b.is_ascii_digit()
+                || b == b'_'
+                || b == b'-'
+                || (upper && b.is_ascii_uppercase())
+        })
+}
+
+/// A canonical decimal 1..=99999: digits only, no leading zero. Digits that break those rules are
+/// out of range (400); the caller has already checked the text is digits.
+fn parse_number(s: &str) -> Result<u32, RequestError> {
+    if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(RequestError::UnknownVersion);
+    }
+    if s.len() > 5 || s.starts_with('0') {
+        return Err(RequestError::OutOfRange);
+    }
+    let n: u32 = s.parse().map_err(|_| RequestError::OutOfRange)?;
+    if n == 0 || n > MAX_NUMBER {
+        return Err(RequestError::OutOfRange);
+    }
+    Ok(n)
+}
+
+fn is_digits(s: &str) -> bool {
+    !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit())
+}
+
+/// Tries the version forms in SPEC order: `{W}x{H}`, `x{N}`, `w{N}`, `h{N}`, `full_size`.
+fn parse_version(s: &str) -> Result<Version, RequestError> {
+    if let Some((w, h)) = s.split_once('x') {
+        if is_digits(w) && is_digits(h) {
+            return Ok(Version::Cover {
+                width: parse_number(w)?,
+                height: parse_number(h)?,
+            });
+        }
+        if w.is_empty() && is_digits(h) {
+            let n = parse_number(h)?;
+            return Ok(Version::Cover {
+                width: n,
+                height: n,
+            });
+        }
+    }
+    if let Some(n) = s.strip_prefix('w').filter(|n| is_digits(n)) {
+        return Ok(Version::Width(parse_number(n)?));
+    }
+    if let Some(n) = s.strip_prefix('h').filter(|n| is_digits(n)) {
+        return Ok(Version::Height(parse_number(n)?));
+    }
+    if s == "full_size" {
+        return Ok(Version::FullSize);
+    }
+    Err(RequestError::UnknownVersion)
+}
+
+/// Parses a version name alone (`300x400`, `w200`, `full_size`), for `allowed_sizes` and `warm`.
+pub fn parse_version_name(s: &str) -> Result<Version, RequestError> {
+    parse_version(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn parse(p: &str) -> Result<ImageRequest, RequestError> {
+        ImageRequest::parse(p, &Rules::default())
+    }
+
+    fn key(p: &str) -> String {
+        let r = parse(p).expect(p);
+        r.cache_key(r.format).to_string()
+    }
+
+    #[test]
+    fn seed_cases_parse() {
+        let cases = [
+            ("300x400.jpg", Version::Cover { width: 300, height: 400 }, None),
+            ("x300.jpg", Version::Cover { width: 300, height: 300 }, None),
+            ("w300.jpg", Version::Width(300), None),
+            ("full_size.jpg", Version::FullSize, None),
+            ("300x400-q10.jpg", Version::Cover { width: 300, height: 400 }, Some(10)),
+            ("x300-q10.jpg", Version::Cover { width: 300, height: 300 }, Some(10)),
+            ("w300-q10.jpg", Version::Width(300), Some(10)),
+            ("full_size-q10.jpg", Version::FullSize, Some(10)),
+            ("h250.webp", Version::Height(250), None),
+        ];
+        for (file, version, quality) in cases {
+            let r = parse(&format!("/product/image/123/{file}")).expect(file);
+            assert_eq!(r.version, version, "{file}");
+            assert_eq!(r.quality, quality, "{file}");
+            assert_eq!(r.model, "product");
+            assert_eq!(r.kind, "image");
+            assert_eq!(r.id, "123");
+        }
+    }
+
+    #[test]
+    fn refusals_table() {
+        use RequestError::*;
+        let cases: &[(&str, RequestError)] = &[
+            ("/product/image/1/random.jpg", UnknownVersion),
+            ("/product/image/1/300x.jpg", UnknownVersion),
+            ("/product/image/1/wx.jpg", UnknownVersion),
+            ("/product/image/1/w0.jpg", OutOfRange),
+            ("/product/image/1/w0300.jpg", OutOfRange),
+            ("/product/image/1/0x10.jpg", OutOfRange),
+            ("/product/image/1/w100000.jpg", OutOfRange),
+            ("/product/image/1/w300-q0.jpg", OutOfRange),
+            ("/product/image/1/w300-q101.jpg", OutOfRange),
+            ("/product/image/1/w300-q075.jpg", OutOfRange),
+            ("/product/image/1/w3000.jpg", TooLarge),
+            ("/product/image/1/300x2049.jpg", TooLarge),
+            ("/product/image/1/h2049.jpg", TooLarge),
+            ("/product/image/1/w300.bmp", ExtensionNotAllowed),
+            ("/product/image/1/w300.JPG", NoRoute),
+            ("/product/image/1/w300", NoRoute),
+            ("/product/image/1/", NoRoute),
+            ("/product/image/1", NoRoute),
+            ("/product/image/1/w300.jpg/", NoRoute),
+            ("/product/image/%2e%2e%2f/w300.jpg", NoRoute),
+            ("/product/image/../w300.jpg", NoRoute),
+            ("/product/image/a.b/w300.jpg", NoRoute),
+            ("/product/image/1%00/w300.jpg", NoRoute),
+            ("/product/image/１２/w300.jpg", NoRoute),
+            ("/Product/image/1/w300.jpg", NoRoute),
+            ("product/image/1/w300.jpg", NoRoute),
+            ("//image/1/w300.jpg", NoRoute),
+            ("/product/image/1/w300..jpg", NoRoute),
+            ("/product/image/1/.jpg", NoRoute),
+        ];
+        for (path, want) in cases {
+            assert_eq!(parse(path).as_ref().err(), Some(want), "{path}");
+        }
+        let long_id = format!("/product/image/{}/w300.jpg", "a".repeat(129));
+        assert_eq!(parse(&long_id), Err(NoRoute));
+        let ok_id = format!("/product/image/{}/w300.jpg", "A-_z9".repeat(25));
+        assert!(parse(&ok_id).is_ok());
+    }
+
+    #[test]
+    fn whitelist_and_allowed_sizes() {
+        let rules = Rules {
+            whitelist: vec![Format::Jpeg],
+            allowed_sizes: Some(vec!["w200".into(), "300x300".into()]),
+            ..Rules::default()
+        };
+        assert!(ImageRequest::parse("/a/b/1/w200.jpg", &rules).is_ok());
+        assert!(ImageRequest::parse("/a/b/1/x300.jpeg", &rules).is_ok());
+        assert_eq!(
+            ImageRequest::parse("/a/b/1/w200.png", &rules),
+            Err(RequestError::ExtensionNotAllowed)
+        );
+        assert_eq!(
+            ImageRequest::parse("/a/b/1/w201.jpg", &rules),
+            Err(RequestError::SizeNotAllowed)
+        );
+    }
+
+    #[test]
+    fn equivalent_names_share_a_key() {
+        assert_eq!(key("/p/i/1/x300.jpg"), "p/i/1/300x300.jpg");
+        assert_eq!(key("/p/i/1/300x300.jpeg"), "p/i/1/300x300.jpg");
+        assert_eq!(key("/p/i/1/300x300-q75.jpg"), "p/i/1/300x300.jpg");
+        assert_eq!(key("/p/i/1/300x300-q60.jpg"), "p/i/1/300x300-q60.jpg");
+        assert_eq!(key("/p/i/1/w10-q75.webp"), "p/i/1/w10.webp");
+        assert_eq!(key("/p/i/1/w10-q50.avif"), "p/i/1/w10.avif");
+        assert_eq!(key("/p/i/1/w10-q75.avif"), "p/i/1/w10-q75.avif");
+        assert_eq!(key("/p/i/1/w10-q20.png"), "p/i/1/w10.png");
+        assert_eq!(key("/p/i/1/full_size.gif"), "p/i/1/full_size.gif");
+    }
+
+    fn arb_version() -> impl Strategy<Value = Version> {
+        prop_oneof![
+            (1u32..=2048, 1u32..=2048).prop_map(|(width, height)| Version::Cover { width, height }),
+            (1u32..=2048).prop_map(Version::Width),
+            (1u32..=2048).prop_map(Version::Height),
+            Just(Version::FullSize),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn never_panics(s in "\\PC{0,80}") {
+            let _ = parse(&s);
+            let _ = parse(&format!("/product/image/1/{s}"));
+        }
+
+        #[test]
+        fn canonical_round_trips(
+            model in "[a-z0-9_-]{1,64}",
+            kind in "[a-z0-9_-]{1,64}",
+            id in "[A-Za-z0-9_-]{1,128}",
+            version in arb_version(),
+            q in proptest::option::of(1u8..=100),
+            fi in 0usize..5,
+        ) {
+            let format = Format::ALL[fi];
+            let name = match q {
+                Some(q) => format!("{version}-q{q}.{}", format.ext()),
+                None => format!("{version}.{}", format.ext()),
+            };
+            let req = parse(&format!("/{model}/{kind}/{id}/{name}")).expect("valid");
+            prop_assert_eq!(req.version, version);
+            prop_assert_eq!(req.format, format);
+            // Parsing the canonical name gives the same request back (canonical is a fixed point).
+            let canon = format!("/{}/{}/{}/{}", model, kind, id, req.canonical_name(format));
+            let again = parse(&canon).expect("canonical parses");
+            prop_assert_eq!(&again, &req);
+            prop_assert_eq!(again.cache_key(format), req.cache_key(format));
+        }
+    }
+}
