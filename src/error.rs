@@ -1,1 +1,184 @@
-//! error (being written).
+//! The top-level error: where every failure of the request flow ends up, and the ONE place that maps a
+//! failure to an HTTP status, a short fixed public message and a bounded metric label.
+//!
+//! Where the failure came from decides the class: the client's request (4xx), the original or its
+//! origin (404 / 422 / 502 / 504), our own capacity (503) or a bug (500). Clients only ever see
+//! [`Error::public_message`]; the cause chain goes to the log once, at the service boundary.
+
+use http::StatusCode;
+
+use crate::image::ImageError;
+use crate::request::RequestError;
+use crate::source::SourceError;
+
+/// Every way a request can fail.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Error {
+    /// The URL was refused by the parser.
+    #[error(transparent)]
+    Request(#[from] RequestError),
+    /// Fetching the original failed.
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    /// Rendering failed.
+    #[error(transparent)]
+    Image(#[from] ImageError),
+    /// A method other than GET or HEAD.
+    #[error("method not allowed")]
+    MethodNotAllowed,
+    /// `?source=` given while `allow_source_override` is off, or refused by its rules.
+    #[error("source override refused")]
+    SourceRefused,
+    /// URL signature missing or wrong.
+    #[error("bad signature")]
+    BadSignature,
+    /// The request deadline passed.
+    #[error("request deadline exceeded")]
+    Timeout,
+    /// The server is stopping.
+    #[error("shutting down")]
+    ShuttingDown,
+    /// A bug or an impossible state; the detail is logged, never sent.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl Error {
+    /// The HTTP status for this failure (SPEC §2). Pinned by the table test below.
+    pub fn status(&self) -> StatusCode {
+        use ImageError as I;
+        use RequestError as R;
+        use SourceError as S;
+        match self {
+            Error::Request(R::NoRoute | R::UnknownVersion) => StatusCode::NOT_FOUND,
+            Error::Request(R::OutOfRange) => StatusCode::BAD_REQUEST,
+            Error::Request(R::TooLarge | R::ExtensionNotAllowed | R::SizeNotAllowed) => {
+                StatusCode::NOT_ACCEPTABLE
+            }
+            Error::Source(S::NotFound) => StatusCode::NOT_FOUND,
+            Error::Source(S::TooLarge) => StatusCode::UNPROCESSABLE_ENTITY,
+            Error::Source(S::Upstream(_)) => StatusCode::BAD_GATEWAY,
+            Error::Source(S::Timeout) => StatusCode::GATEWAY_TIMEOUT,
+            Error::Source(S::Config(_)) => StatusCode::INTERNAL_SERVER_ERROR,
+            Error::Image(I::SourceTooLarge | I::UnsupportedFormat | I::Undecodable) => {
+                StatusCode::UNPROCESSABLE_ENTITY
+            }
+            Error::Image(I::Overloaded) => StatusCode::SERVICE_UNAVAILABLE,
+            Error::Image(I::Internal(_)) => StatusCode::INTERNAL_SERVER_ERROR,
+            Error::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Error::SourceRefused | Error::BadSignature => StatusCode::FORBIDDEN,
+            Error::Timeout => StatusCode::GATEWAY_TIMEOUT,
+            Error::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// A bounded label for `rejected.{reason}` and logs. Never contains ids or paths.
+    pub fn kind(&self) -> &'static str {
+        use ImageError as I;
+        use RequestError as R;
+        use SourceError as S;
+        match self {
+            Error::Request(R::NoRoute) => "no_route",
+            Error::Request(R::UnknownVersion) => "unknown_version",
+            Error::Request(R::OutOfRange) => "out_of_range",
+            Error::Request(R::TooLarge) => "too_large",
+            Error::Request(R::ExtensionNotAllowed) => "extension",
+            Error::Request(R::SizeNotAllowed) => "size_not_allowed",
+            Error::Source(S::NotFound) => "not_found",
+            Error::Source(S::TooLarge) => "source_too_large",
+            Error::Source(S::Upstream(_)) => "upstream",
+            Error::Source(S::Timeout) => "upstream_timeout",
+            Error::Source(S::Config(_)) => "source_config",
+            Error::Image(I::SourceTooLarge) => "pixels",
+            Error::Image(I::UnsupportedFormat) => "format",
+            Error::Image(I::Undecodable) => "undecodable",
+            Error::Image(I::Overloaded) => "overloaded",
+            Error::Image(I::Internal(_)) => "render",
+            Error::MethodNotAllowed => "method",
+            Error::SourceRefused => "source_refused",
+            Error::BadSignature => "signature",
+            Error::Timeout => "timeout",
+            Error::ShuttingDown => "shutting_down",
+            Error::Internal(_) => "internal",
+        }
+    }
+
+    /// The fixed one-line body sent to the client: no URLs, hosts, paths or library messages.
+    pub fn public_message(&self) -> &'static str {
+        match self.status() {
+            StatusCode::NOT_FOUND => "not found\n",
+            StatusCode::BAD_REQUEST => "bad request\n",
+            StatusCode::NOT_ACCEPTABLE => "not acceptable\n",
+            StatusCode::FORBIDDEN => "forbidden\n",
+            StatusCode::METHOD_NOT_ALLOWED => "method not allowed\n",
+            StatusCode::UNPROCESSABLE_ENTITY => "unprocessable image\n",
+            StatusCode::BAD_GATEWAY => "bad gateway\n",
+            StatusCode::GATEWAY_TIMEOUT => "gateway timeout\n",
+            StatusCode::SERVICE_UNAVAILABLE => match self {
+                Error::ShuttingDown => "shutting down\n",
+                _ => "overloaded\n",
+            },
+            _ => "internal error\n",
+        }
+    }
+
+    /// True when the original itself is missing: the one failure that is negatively cached.
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, Error::Source(SourceError::NotFound))
+    }
+
+    /// True when the source could not deliver (counts `original_unavailable`).
+    pub fn is_original_unavailable(&self) -> bool {
+        matches!(
+            self,
+            Error::Source(SourceError::NotFound | SourceError::Upstream(_) | SourceError::Timeout)
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_table() {
+        use ImageError as I;
+        use RequestError as R;
+        use SourceError as S;
+        let table: Vec<(Error, u16, &str)> = vec![
+            (R::NoRoute.into(), 404, "not found\n"),
+            (R::UnknownVersion.into(), 404, "not found\n"),
+            (R::OutOfRange.into(), 400, "bad request\n"),
+            (R::TooLarge.into(), 406, "not acceptable\n"),
+            (R::ExtensionNotAllowed.into(), 406, "not acceptable\n"),
+            (R::SizeNotAllowed.into(), 406, "not acceptable\n"),
+            (S::NotFound.into(), 404, "not found\n"),
+            (S::TooLarge.into(), 422, "unprocessable image\n"),
+            (S::Upstream("x".into()).into(), 502, "bad gateway\n"),
+            (S::Timeout.into(), 504, "gateway timeout\n"),
+            (S::Config("x".into()).into(), 500, "internal error\n"),
+            (I::SourceTooLarge.into(), 422, "unprocessable image\n"),
+            (I::UnsupportedFormat.into(), 422, "unprocessable image\n"),
+            (I::Undecodable.into(), 422, "unprocessable image\n"),
+            (I::Overloaded.into(), 503, "overloaded\n"),
+            (I::Internal("x".into()).into(), 500, "internal error\n"),
+            (Error::MethodNotAllowed, 405, "method not allowed\n"),
+            (Error::SourceRefused, 403, "forbidden\n"),
+            (Error::BadSignature, 403, "forbidden\n"),
+            (Error::Timeout, 504, "gateway timeout\n"),
+            (Error::ShuttingDown, 503, "shutting down\n"),
+            (Error::Internal("x".into()), 500, "internal error\n"),
+        ];
+        let mut kinds = std::collections::HashSet::new();
+        for (err, status, body) in table {
+            assert_eq!(err.status().as_u16(), status, "{err:?}");
+            assert_eq!(err.public_message(), body, "{err:?}");
+            assert!(kinds.insert(err.kind()), "duplicate kind {}", err.kind());
+            assert!(err
+                .kind()
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b == b'_'));
+        }
+    }
+}

@@ -17,6 +17,7 @@
 
 pub mod cache;
 pub mod cli;
+pub mod commands;
 pub mod config;
 pub mod error;
 pub mod image;

@@ -1,1 +1,111 @@
-fn main(){}
+//! The `image-server` binary: parse the command line, load the configuration, start telemetry and
+//! libvips, bind, and hand over to the library (`server::run`). Nothing else lives here.
+
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::Parser;
+use image_server::cli::{Cli, Command};
+use image_server::config::{self, Config};
+use image_server::image::vips;
+use image_server::metrics::{self, StatsdTarget};
+use image_server::server;
+use image_server::service::App;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let config = match config::load(&cli.global) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("image-server: configuration error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let command = cli.command.unwrap_or(Command::Serve);
+    if let Command::CheckConfig = command {
+        println!("configuration OK");
+        return ExitCode::SUCCESS;
+    }
+    init_tracing(&config);
+    // libvips is initialised once, before the runtime starts any thread (PLATFORM.md).
+    if let Err(e) = vips::init(config.accept_avif_input) {
+        eprintln!("image-server: libvips failed to start: {e}");
+        return ExitCode::from(1);
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .max_blocking_threads(config.processing_concurrency + 64)
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("image-server: cannot start the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let result = runtime.block_on(async move {
+        match command {
+            Command::Serve | Command::CheckConfig => serve(config).await,
+            Command::Warm(args) => image_server::commands::warm(config, args).await,
+            Command::Purge(args) => image_server::commands::purge(config, args).await,
+        }
+    });
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("image-server: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn init_tracing(config: &Config) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&config.log_level));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false)
+        .init();
+}
+
+async fn serve(config: Config) -> anyhow::Result<ExitCode> {
+    metrics::install(config.statsd_host.as_ref().map(|host| StatsdTarget {
+        host: host.clone(),
+        port: config.statsd_port,
+        prefix: config.statsd_prefix.clone(),
+    }));
+    let ip = config.listen_address;
+    let listener = tokio::net::TcpListener::bind((ip, config.server_port)).await?;
+    let status = tokio::net::TcpListener::bind((ip, config.status_port)).await?;
+    tracing::info!(
+        image = %listener.local_addr()?,
+        status = %status.local_addr()?,
+        libvips = %vips::version(),
+        "listening"
+    );
+    let app = Arc::new(App::new(config)?);
+    server::run(app, listener, Some(status), shutdown_signal()).await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+}

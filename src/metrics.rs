@@ -1,1 +1,192 @@
-//! metrics (being written).
+//! The last step of the request flow: counting. Every metric name is a constant here, with a one-line
+//! description, so dashboards can rely on them (SPEC §6).
+//!
+//! One `metrics` recorder fans out to statsd (UDP, Graphite-style names under `statsd_prefix`, the
+//! seed's dashboard names) and to a Prometheus registry rendered on the status port's `/metrics`.
+//! Label values are bounded (formats, status codes, reasons), never ids or paths: statsd names are
+//! built from them, so an unbounded label would be an unbounded number of Graphite series.
+
+use std::sync::OnceLock;
+
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use metrics_util::layers::FanoutBuilder;
+
+/// Seed: an image was processed (no cache tier had it). Also sent as `image_request.{ext}`.
+pub const IMAGE_REQUEST: &str = "image_request";
+/// Seed: an image request was answered with an error status.
+pub const IMAGE_REQUEST_FAIL: &str = "image_request_fail";
+/// Seed: an original was fetched from the source.
+pub const ORIGINAL_DOWNLOADED: &str = "original_downloaded";
+/// Seed: the source said the original does not exist, or could not deliver it.
+pub const ORIGINAL_UNAVAILABLE: &str = "original_unavailable";
+/// Every HTTP request on the image port.
+pub const REQUEST: &str = "request";
+/// Prefix of `response.status.{code}`: responses by status code.
+pub const RESPONSE_STATUS: &str = "response.status";
+/// The memory result cache answered.
+pub const CACHE_MEMORY_HIT: &str = "cache.memory.hit";
+/// The memory result cache did not have the variant.
+pub const CACHE_MEMORY_MISS: &str = "cache.memory.miss";
+/// The remote result store answered.
+pub const CACHE_REMOTE_HIT: &str = "cache.remote.hit";
+/// The remote result store did not have the variant (or could not be read).
+pub const CACHE_REMOTE_MISS: &str = "cache.remote.miss";
+/// A variant was written to the remote result store.
+pub const CACHE_REMOTE_WRITE: &str = "cache.remote.write";
+/// A write to the remote result store failed or was dropped (backlog full).
+pub const CACHE_REMOTE_WRITE_FAIL: &str = "cache.remote.write_fail";
+/// A request waited for another request's identical load instead of doing its own.
+pub const COALESCED: &str = "coalesced";
+/// Prefix of `rejected.{reason}`: requests refused, by reason.
+pub const REJECTED: &str = "rejected";
+/// Timer (ms): fetching an original.
+pub const TIME_FETCH: &str = "time.fetch";
+/// Timer (ms): rendering a variant (queue wait included).
+pub const TIME_PROCESS: &str = "time.process";
+/// Timer (ms): a whole image request.
+pub const TIME_TOTAL: &str = "time.total";
+/// Gauge: renders running now.
+pub const PROCESSING_CURRENT: &str = "processing.current";
+/// Gauge: original downloads running now.
+pub const DOWNLOADS_CURRENT: &str = "downloads.current";
+/// Gauge: renders waiting for a pool slot.
+pub const QUEUE_DEPTH: &str = "queue.depth";
+
+/// Every counter name (for describe and the docs test).
+pub const COUNTERS: &[(&str, &str)] = &[
+    (
+        IMAGE_REQUEST,
+        "an image was processed (no cache tier had it); also image_request.{ext}",
+    ),
+    (
+        IMAGE_REQUEST_FAIL,
+        "an image request was answered with an error status",
+    ),
+    (
+        ORIGINAL_DOWNLOADED,
+        "an original was fetched from the source",
+    ),
+    (
+        ORIGINAL_UNAVAILABLE,
+        "the source said the original does not exist, or could not deliver it",
+    ),
+    (REQUEST, "an HTTP request reached the image port"),
+    (
+        RESPONSE_STATUS,
+        "responses by status code: response.status.{code}",
+    ),
+    (CACHE_MEMORY_HIT, "the memory result cache answered"),
+    (
+        CACHE_MEMORY_MISS,
+        "the memory result cache did not have the variant",
+    ),
+    (CACHE_REMOTE_HIT, "the remote result store answered"),
+    (
+        CACHE_REMOTE_MISS,
+        "the remote result store did not have the variant",
+    ),
+    (
+        CACHE_REMOTE_WRITE,
+        "a variant was written to the remote result store",
+    ),
+    (
+        CACHE_REMOTE_WRITE_FAIL,
+        "a remote write failed or was dropped",
+    ),
+    (COALESCED, "a request shared another request's load"),
+    (REJECTED, "requests refused, by reason: rejected.{reason}"),
+];
+
+/// Every timer and gauge name with its description.
+pub const TIMERS_AND_GAUGES: &[(&str, &str)] = &[
+    (TIME_FETCH, "ms to fetch an original"),
+    (TIME_PROCESS, "ms to render a variant, queue wait included"),
+    (TIME_TOTAL, "ms for a whole image request"),
+    (PROCESSING_CURRENT, "renders running now"),
+    (DOWNLOADS_CURRENT, "original downloads running now"),
+    (QUEUE_DEPTH, "renders waiting for a pool slot"),
+];
+
+static PROMETHEUS: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Where statsd packets go; `None` turns statsd off.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StatsdTarget {
+    /// Host name or address.
+    pub host: String,
+    /// UDP port.
+    pub port: u16,
+    /// Prefix of every name (`image_server`).
+    pub prefix: String,
+}
+
+/// Installs the process-wide recorder (statsd + Prometheus). Only the first call installs; later calls
+/// (tests that start several servers in one process) reuse it and return its handle.
+pub fn install(statsd: Option<StatsdTarget>) -> PrometheusHandle {
+    if let Some(handle) = PROMETHEUS.get() {
+        return handle.clone();
+    }
+    let prometheus = PrometheusBuilder::new().build_recorder();
+    let handle = prometheus.handle();
+    let mut fanout = FanoutBuilder::default().add_recorder(prometheus);
+    if let Some(target) = statsd {
+        // Buffer size 0: the exporter has no timed flush, so a buffered lone counter might never leave
+        // (PLATFORM.md). histogram_is_timer: Etsy statsd has no histogram type, timers are `|ms`.
+        match metrics_exporter_statsd::StatsdBuilder::from(target.host.clone(), target.port)
+            .with_buffer_size(0)
+            .with_queue_size(4096)
+            .histogram_is_timer()
+            .build(Some(&target.prefix))
+        {
+            Ok(statsd) => fanout = fanout.add_recorder(statsd),
+            Err(e) => tracing::warn!(error = %e, "statsd exporter not started"),
+        }
+    }
+    if metrics::set_global_recorder(fanout.build()).is_ok() {
+        describe();
+        let _ = PROMETHEUS.set(handle.clone());
+        handle
+    } else {
+        // Someone installed a recorder first (another test); the handle still renders our registry.
+        PROMETHEUS.get_or_init(|| handle).clone()
+    }
+}
+
+/// The Prometheus handle, if [`install`] ran.
+pub fn prometheus() -> Option<&'static PrometheusHandle> {
+    PROMETHEUS.get()
+}
+
+/// Registers the descriptions of every metric.
+pub fn describe() {
+    for (name, help) in COUNTERS {
+        metrics::describe_counter!(*name, *help);
+    }
+    for (name, help) in TIMERS_AND_GAUGES {
+        if name.starts_with("time.") {
+            metrics::describe_histogram!(*name, metrics::Unit::Milliseconds, *help);
+        } else {
+            metrics::describe_gauge!(*name, *help);
+        }
+    }
+}
+
+/// Increments a counter by one.
+pub fn incr(name: &'static str) {
+    metrics::counter!(name).increment(1);
+}
+
+/// Increments `{prefix}.{suffix}` where `suffix` is a bounded label (status code, format, reason).
+pub fn incr_with(prefix: &'static str, suffix: &str) {
+    metrics::counter!(format!("{prefix}.{suffix}")).increment(1);
+}
+
+/// Records a duration in milliseconds.
+pub fn time(name: &'static str, elapsed: std::time::Duration) {
+    metrics::histogram!(name).record(elapsed.as_secs_f64() * 1000.0);
+}
+
+/// Sets a gauge (the statsd exporter drops increment/decrement on gauges, so always set).
+pub fn gauge(name: &'static str, value: f64) {
+    metrics::gauge!(name).set(value);
+}

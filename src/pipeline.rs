@@ -1,1 +1,316 @@
-//! pipeline (being written).
+//! Step 3 of the request flow: cache → fetch → render → store, each key rendered once at a time.
+//!
+//! [`Pipeline::serve`] asks the memory tier, then (inside one shared load per canonical key) the remote
+//! result store, then fetches the original (one download per original, kept in a byte-bounded
+//! originals cache so ten sizes cost one origin request) and renders it in the bounded pool. The
+//! result is returned at once; the remote write is queued in the background. A failure stores nothing
+//! except the negative entry for a missing original.
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::Bytes;
+use moka::future::Cache;
+use tokio::sync::Semaphore;
+
+use crate::cache::memory::{MemoryCache, Outcome};
+use crate::cache::remote::RemoteStore;
+use crate::cache::{Tier, Variant};
+use crate::config::Config;
+use crate::error::Error;
+use crate::image::{Processor, RenderSpec};
+use crate::metrics as m;
+use crate::request::{DefaultQuality, Format, ImageRequest};
+use crate::source::{Source, SourceError};
+
+/// How long a downloaded original stays in memory without being asked for again. Replaced images
+/// are dropped at once by `purge`; this bounds staleness when nobody purges.
+const ORIGINAL_IDLE_TTL: Duration = Duration::from_secs(600);
+
+/// The orchestration of one image request. Cheap to clone (everything inside is shared).
+#[derive(Clone)]
+pub struct Pipeline {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: Arc<Config>,
+    defaults: DefaultQuality,
+    source: Source,
+    processor: Processor,
+    memory: MemoryCache,
+    remote: Option<RemoteStore>,
+    originals: Cache<String, Bytes>,
+    downloads: Semaphore,
+    downloads_current: AtomicUsize,
+    downloads_total: AtomicU64,
+}
+
+/// What answered a request.
+#[derive(Clone, Debug)]
+pub struct Served {
+    /// The variant.
+    pub variant: Arc<Variant>,
+    /// Which tier had it (`X-Cache`).
+    pub tier: Tier,
+}
+
+/// Counters the status page shows.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PipelineStats {
+    /// Renders running now.
+    pub processing_current: usize,
+    /// Renders started since start-up.
+    pub processing_total: u64,
+    /// Renders waiting for a pool slot.
+    pub queue_depth: usize,
+    /// Original downloads running now.
+    pub downloads_current: usize,
+    /// Original downloads started since start-up.
+    pub downloads_total: u64,
+}
+
+impl Pipeline {
+    /// Builds the pipeline from a validated config, a source and an optional result store.
+    pub fn new(config: Arc<Config>, source: Source, remote: Option<RemoteStore>) -> Pipeline {
+        let processor = Processor::new(
+            config.processing_concurrency,
+            config.queue_size,
+            config.avif_concurrency,
+            config.decode_limits(),
+        );
+        let memory = MemoryCache::new(
+            config.memory_cache_bytes,
+            config.memory_cache_max_entry_bytes,
+            config.not_found_ttl,
+        );
+        let originals = Cache::builder()
+            .max_capacity(config.originals_cache_bytes)
+            .weigher(|_k: &String, v: &Bytes| u32::try_from(v.len()).unwrap_or(u32::MAX))
+            .time_to_idle(ORIGINAL_IDLE_TTL)
+            .support_invalidation_closures()
+            .build();
+        Pipeline {
+            inner: Arc::new(Inner {
+                defaults: config.default_quality(),
+                downloads: Semaphore::new(config.download_concurrency.max(1)),
+                config,
+                source,
+                processor,
+                memory,
+                remote,
+                originals,
+                downloads_current: AtomicUsize::new(0),
+                downloads_total: AtomicU64::new(0),
+            }),
+        }
+    }
+
+    /// Answers one parsed request rendered as `format` (the URL's, or the one `auto_format` picked).
+    pub async fn serve(&self, req: &ImageRequest, format: Format) -> Result<Served, Error> {
+        let inner = &self.inner;
+        let key = req.cache_key(format);
+        if let Some(variant) = inner.memory.get(&key).await {
+            m::incr(m::CACHE_MEMORY_HIT);
+            return Ok(Served {
+                variant,
+                tier: Tier::Memory,
+            });
+        }
+        m::incr(m::CACHE_MEMORY_MISS);
+        let original = req.original_id();
+        if inner.memory.is_not_found(&original).await {
+            return Err(SourceError::NotFound.into());
+        }
+        let load = Inner::load(self.inner.clone(), req.clone(), format);
+        match inner.memory.get_or_load(key, load).await {
+            Ok((variant, outcome)) => {
+                if outcome == Outcome::Shared {
+                    m::incr(m::COALESCED);
+                }
+                let tier = variant.loaded_from;
+                Ok(Served { variant, tier })
+            }
+            Err(e) => {
+                if e.is_not_found() {
+                    inner.memory.mark_not_found(&original).await;
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Renders one variant straight into the result store (for `warm`): same keys, same limits.
+    /// Returns `Ok(false)` when it was already stored and `force` is off.
+    pub async fn warm(&self, req: &ImageRequest, force: bool) -> Result<bool, Error> {
+        let inner = &self.inner;
+        let Some(remote) = &inner.remote else {
+            return Err(Error::Internal("no result_store configured".into()));
+        };
+        let key = req.cache_key(req.format);
+        if !force
+            && remote
+                .exists(&key)
+                .await
+                .map_err(|e| Error::Internal(e.to_string()))?
+        {
+            return Ok(false);
+        }
+        let variant = inner.render(req, req.format).await?;
+        remote
+            .put(&key, &variant)
+            .await
+            .map_err(|e| Error::Internal(e.to_string()))?;
+        Ok(true)
+    }
+
+    /// The memory tier (status page, purge).
+    pub fn memory(&self) -> &MemoryCache {
+        &self.inner.memory
+    }
+
+    /// The remote tier, if configured.
+    pub fn remote(&self) -> Option<&RemoteStore> {
+        self.inner.remote.as_ref()
+    }
+
+    /// The originals cache: entries and bytes.
+    pub fn originals_usage(&self) -> (u64, u64) {
+        (
+            self.inner.originals.entry_count(),
+            self.inner.originals.weighted_size(),
+        )
+    }
+
+    /// Drops everything held in memory for one original (variants, original bytes, negative entry).
+    pub fn purge_memory(&self, original: &str) -> Result<(), Error> {
+        self.inner.memory.invalidate_original(original)?;
+        let exact = original.to_owned();
+        self.inner
+            .originals
+            .invalidate_entries_if(move |k, _| *k == exact)
+            .map_err(|e| Error::Internal(format!("invalidate: {e}")))?;
+        Ok(())
+    }
+
+    /// The source in use.
+    pub fn source(&self) -> &Source {
+        &self.inner.source
+    }
+
+    /// Pool and download counters.
+    pub fn stats(&self) -> PipelineStats {
+        let p = &self.inner.processor;
+        PipelineStats {
+            processing_current: p.current(),
+            processing_total: p.total(),
+            queue_depth: p.queue_depth(),
+            downloads_current: self.inner.downloads_current.load(Ordering::Relaxed),
+            downloads_total: self.inner.downloads_total.load(Ordering::Relaxed),
+        }
+    }
+}
+
+impl Inner {
+    /// The shared load for one key: the remote store, else fetch + render + queue the remote write.
+    async fn load(
+        this: Arc<Inner>,
+        req: ImageRequest,
+        format: Format,
+    ) -> Result<Arc<Variant>, Error> {
+        let key = req.cache_key(format);
+        if let Some(remote) = &this.remote {
+            match remote.get(&key).await {
+                Ok(Some(variant)) => return Ok(Arc::new(variant)),
+                Ok(None) => {}
+                // A broken store costs a miss, never the response.
+                Err(e) => tracing::warn!(error = %e, "result store read failed; rendering"),
+            }
+        }
+        let variant = Arc::new(this.render(&req, format).await?);
+        if let Some(remote) = &this.remote {
+            remote.enqueue(key, variant.clone());
+        }
+        Ok(variant)
+    }
+
+    /// Fetches the original (shared) and renders it in the pool.
+    async fn render(&self, req: &ImageRequest, format: Format) -> Result<Variant, Error> {
+        let original = self.original(req).await?;
+        let spec = RenderSpec {
+            version: req.version,
+            format,
+            quality: req.effective_quality(format, &self.defaults),
+            gravity: self.config.crop_gravity,
+            enlarge: self.config.enlarge,
+            background: self.config.background,
+            progressive: self.config.progressive_jpeg,
+            avif_effort: self.config.avif_effort,
+        };
+        let started = Instant::now();
+        let rendered = self.processor.render(original, spec).await;
+        m::time(m::TIME_PROCESS, started.elapsed());
+        m::gauge(m::PROCESSING_CURRENT, self.processor.current() as f64);
+        m::gauge(m::QUEUE_DEPTH, self.processor.queue_depth() as f64);
+        let rendered = match rendered {
+            Ok(r) => r,
+            Err(e) => {
+                // A failed request leaves nothing behind: not even the original's bytes.
+                self.originals.invalidate(&req.original_id()).await;
+                return Err(e.into());
+            }
+        };
+        if rendered.bytes.is_empty() {
+            // The seed served 0-byte files after a failed convert; an empty encode is a failure.
+            return Err(Error::Internal("encoder produced no bytes".into()));
+        }
+        m::incr(m::IMAGE_REQUEST);
+        m::incr_with(m::IMAGE_REQUEST, format.ext());
+        Ok(Variant::new(
+            rendered.bytes,
+            rendered.format,
+            SystemTime::now(),
+            Tier::Miss,
+        ))
+    }
+
+    /// The original's bytes: from the originals cache, or one download shared by every caller.
+    async fn original(&self, req: &ImageRequest) -> Result<Bytes, Error> {
+        let id = req.original_id();
+        let fetch = async {
+            let _permit = self
+                .downloads
+                .acquire()
+                .await
+                .map_err(|_| Error::Internal("download pool closed".into()))?;
+            self.downloads_total.fetch_add(1, Ordering::Relaxed);
+            let current = self.downloads_current.fetch_add(1, Ordering::Relaxed) + 1;
+            m::gauge(m::DOWNLOADS_CURRENT, current as f64);
+            let started = Instant::now();
+            let result = self.source.fetch(req).await;
+            let current = self.downloads_current.fetch_sub(1, Ordering::Relaxed) - 1;
+            m::gauge(m::DOWNLOADS_CURRENT, current as f64);
+            m::time(m::TIME_FETCH, started.elapsed());
+            match result {
+                Ok(bytes) => {
+                    m::incr(m::ORIGINAL_DOWNLOADED);
+                    Ok(bytes)
+                }
+                Err(e) => {
+                    if matches!(
+                        e,
+                        SourceError::NotFound | SourceError::Upstream(_) | SourceError::Timeout
+                    ) {
+                        m::incr(m::ORIGINAL_UNAVAILABLE);
+                    }
+                    Err(Error::from(e))
+                }
+            }
+        };
+        self.originals
+            .try_get_with(id, fetch)
+            .await
+            .map_err(|shared| (*shared).clone())
+    }
+}

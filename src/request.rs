@@ -357,8 +357,7 @@ impl ImageRequest {
 
     /// The quality to encode with: the URL's, else the format's default.
     pub fn effective_quality(&self, format: Format, defaults: &DefaultQuality) -> u8 {
-        self.quality
-            .unwrap_or_else(|| defaults.for_format(format))
+        self.quality.unwrap_or_else(|| defaults.for_format(format))
     }
 }
 
@@ -446,12 +445,40 @@ mod tests {
     #[test]
     fn seed_cases_parse() {
         let cases = [
-            ("300x400.jpg", Version::Cover { width: 300, height: 400 }, None),
-            ("x300.jpg", Version::Cover { width: 300, height: 300 }, None),
+            (
+                "300x400.jpg",
+                Version::Cover {
+                    width: 300,
+                    height: 400,
+                },
+                None,
+            ),
+            (
+                "x300.jpg",
+                Version::Cover {
+                    width: 300,
+                    height: 300,
+                },
+                None,
+            ),
             ("w300.jpg", Version::Width(300), None),
             ("full_size.jpg", Version::FullSize, None),
-            ("300x400-q10.jpg", Version::Cover { width: 300, height: 400 }, Some(10)),
-            ("x300-q10.jpg", Version::Cover { width: 300, height: 300 }, Some(10)),
+            (
+                "300x400-q10.jpg",
+                Version::Cover {
+                    width: 300,
+                    height: 400,
+                },
+                Some(10),
+            ),
+            (
+                "x300-q10.jpg",
+                Version::Cover {
+                    width: 300,
+                    height: 300,
+                },
+                Some(10),
+            ),
             ("w300-q10.jpg", Version::Width(300), Some(10)),
             ("full_size-q10.jpg", Version::FullSize, Some(10)),
             ("h250.webp", Version::Height(250), None),

@@ -1,1 +1,494 @@
-//! service (being written).
+//! Steps 2 and 4 of the request flow: routing, and turning a result or an [`Error`] into a response.
+//!
+//! This is the one place that records per-request metrics and writes the per-request log line. Image
+//! responses carry the validators and cache headers CDNs rely on (SPEC §2); errors carry a fixed
+//! plain-text line and a Cache-Control that never lets a CDN keep a 5xx. The status port's routes
+//! (`/`, `/health`, `/ready`, `/metrics`, `POST /purge/…`) live here too.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderValue};
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::Full;
+
+use crate::cache::remote::RemoteStore;
+use crate::cache::Tier;
+use crate::config::Config;
+use crate::error::Error;
+use crate::image::vips;
+use crate::metrics as m;
+use crate::pipeline::{Pipeline, Served};
+use crate::request::{Format, ImageRequest, Rules};
+use crate::source::Source;
+
+/// The response body type of both ports.
+pub type Body = Full<Bytes>;
+
+/// Everything a request needs, shared by every connection.
+pub struct App {
+    /// The validated configuration.
+    pub config: Arc<Config>,
+    /// The parse rules derived from it.
+    pub rules: Rules,
+    /// The cache → fetch → render → store orchestration.
+    pub pipeline: Pipeline,
+    /// Set when a stop was asked for: `/ready` turns 503 and new image requests are refused.
+    pub shutting_down: AtomicBool,
+    /// When the server started.
+    pub started: Instant,
+    /// `Cache-Control` sent on 4xx answers, precomputed from `not_found_ttl`.
+    error_cache_control: HeaderValue,
+    /// `Cache-Control` sent on images.
+    cache_control: HeaderValue,
+}
+
+impl App {
+    /// Builds the source, the result store and the pipeline from a validated config. Must run inside a
+    /// tokio runtime (the result store spawns its writers).
+    pub fn new(config: Config) -> Result<App, Error> {
+        let config = Arc::new(config);
+        let source = Source::from_config(&config)?;
+        let remote = match &config.result_store {
+            None => None,
+            Some(url) => {
+                let (store, prefix) = crate::source::object_store_from_url(
+                    url,
+                    &config.s3,
+                    config.store_timeout,
+                    config.connect_timeout,
+                )?;
+                // The local filesystem backend refuses object attributes; every other backend keeps them.
+                let attributes = !url.starts_with("file:");
+                Some(RemoteStore::new(
+                    store,
+                    prefix,
+                    attributes,
+                    config.cache_control.clone(),
+                    config.store_timeout,
+                    config.upload_concurrency,
+                    config.upload_backlog,
+                ))
+            }
+        };
+        Ok(App::with_parts(config, source, remote))
+    }
+
+    /// Assembles an app from parts (tests inject their own source or store).
+    pub fn with_parts(config: Arc<Config>, source: Source, remote: Option<RemoteStore>) -> App {
+        let error_cache_control = HeaderValue::from_str(&format!(
+            "public, max-age={}",
+            config.not_found_ttl.as_secs()
+        ))
+        .unwrap_or(HeaderValue::from_static("no-store"));
+        let cache_control = HeaderValue::from_str(&config.cache_control)
+            .unwrap_or(HeaderValue::from_static("public, max-age=31536000"));
+        App {
+            rules: config.rules(),
+            pipeline: Pipeline::new(config.clone(), source, remote),
+            config,
+            shutting_down: AtomicBool::new(false),
+            started: Instant::now(),
+            error_cache_control,
+            cache_control,
+        }
+    }
+
+    /// Answers one request on the image port. Never fails: every error becomes a response.
+    pub async fn handle<B>(self: Arc<Self>, req: Request<B>) -> Response<Body> {
+        let started = Instant::now();
+        m::incr(m::REQUEST);
+        let method = req.method().clone();
+        let path = req.uri().path().to_owned();
+        let result = self.answer(&req).await;
+        let (response, tier) = match result {
+            Ok((response, tier)) => (response, Some(tier)),
+            Err(err) => {
+                m::incr(m::IMAGE_REQUEST_FAIL);
+                m::incr_with(m::REJECTED, err.kind());
+                if err.status().is_server_error() {
+                    tracing::warn!(error = %err, kind = err.kind(), "request failed");
+                }
+                (self.error_response(&err, method == Method::HEAD), None)
+            }
+        };
+        let status = response.status().as_u16();
+        m::incr_with(m::RESPONSE_STATUS, &status.to_string());
+        m::time(m::TIME_TOTAL, started.elapsed());
+        let bytes = response
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("0")
+            .to_owned();
+        // Paths are logged only when they parsed as ours (bounded, no control characters).
+        let shown = if path.len() <= 256 && path.bytes().all(|b| b.is_ascii_graphic()) {
+            path.as_str()
+        } else {
+            "-"
+        };
+        tracing::info!(
+            method = %method,
+            path = shown,
+            status,
+            bytes = %bytes,
+            cache = tier.map(Tier::as_str).unwrap_or("-"),
+            ms = started.elapsed().as_millis() as u64,
+            "request"
+        );
+        response
+    }
+
+    async fn answer<B>(&self, req: &Request<B>) -> Result<(Response<Body>, Tier), Error> {
+        let head = match *req.method() {
+            Method::GET => false,
+            Method::HEAD => true,
+            _ => return Err(Error::MethodNotAllowed),
+        };
+        if self.shutting_down.load(Ordering::Acquire) {
+            return Err(Error::ShuttingDown);
+        }
+        let parsed = ImageRequest::parse(req.uri().path(), &self.rules)?;
+        if has_query_param(req.uri().query(), "source") && !self.config.allow_source_override {
+            return Err(Error::SourceRefused);
+        }
+        let (format, negotiated) = self.pick_format(&parsed, req.headers());
+        let serve = self.pipeline.serve(&parsed, format);
+        let served = tokio::time::timeout(self.config.request_timeout, serve)
+            .await
+            .map_err(|_| Error::Timeout)??;
+        let tier = served.tier;
+        Ok((
+            self.image_response(&parsed, served, negotiated, req.headers(), head),
+            tier,
+        ))
+    }
+
+    /// `auto_format`: a `jpg`/`png` request whose `Accept` lists AVIF or WebP (q > 0) gets the best of
+    /// them that is whitelisted. Returns the format and whether the answer depends on `Accept`.
+    fn pick_format(&self, req: &ImageRequest, headers: &HeaderMap) -> (Format, bool) {
+        if !self.config.auto_format || !matches!(req.format, Format::Jpeg | Format::Png) {
+            return (req.format, false);
+        }
+        let accept = headers
+            .get_all(header::ACCEPT)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .collect::<Vec<_>>()
+            .join(",");
+        for candidate in [Format::Avif, Format::Webp] {
+            if self.rules.whitelist.contains(&candidate) && accepts(&accept, candidate.mime()) {
+                return (candidate, true);
+            }
+        }
+        (req.format, true)
+    }
+
+    fn image_response(
+        &self,
+        req: &ImageRequest,
+        served: Served,
+        negotiated: bool,
+        headers: &HeaderMap,
+        head: bool,
+    ) -> Response<Body> {
+        let v = &served.variant;
+        let not_modified = headers
+            .get(header::IF_NONE_MATCH)
+            .and_then(|h| h.to_str().ok())
+            .is_some_and(|h| etag_matches(h, &v.etag));
+        let mut builder = Response::builder()
+            .header(header::ETAG, &v.etag)
+            .header(
+                header::LAST_MODIFIED,
+                httpdate::fmt_http_date(v.last_modified.min(SystemTime::now())),
+            )
+            .header(header::CACHE_CONTROL, self.cache_control.clone())
+            .header(header::X_CONTENT_TYPE_OPTIONS, "nosniff")
+            .header("x-cache", served.tier.as_str());
+        let tag = req.original_id();
+        builder = builder
+            .header("surrogate-key", &tag)
+            .header("cache-tag", &tag);
+        if negotiated {
+            builder = builder.header(header::VARY, "Accept");
+        }
+        let response = if not_modified {
+            builder
+                .status(StatusCode::NOT_MODIFIED)
+                .body(Body::default())
+        } else {
+            builder = builder
+                .status(StatusCode::OK)
+                .header(header::CONTENT_TYPE, v.format.mime())
+                .header(header::CONTENT_LENGTH, v.bytes.len());
+            if head {
+                builder.body(Body::default())
+            } else {
+                builder.body(Body::new(v.bytes.clone()))
+            }
+        };
+        response.unwrap_or_else(|e| {
+            self.error_response(&Error::Internal(format!("response: {e}")), head)
+        })
+    }
+
+    /// The response for an error: status, fixed text, and cache headers by class.
+    pub fn error_response(&self, err: &Error, head: bool) -> Response<Body> {
+        let status = err.status();
+        let body = err.public_message();
+        let mut builder = Response::builder()
+            .status(status)
+            .header(header::CONTENT_TYPE, "text/plain; charset=utf-8")
+            .header(header::CONTENT_LENGTH, body.len())
+            .header(header::X_CONTENT_TYPE_OPTIONS, "nosniff");
+        builder = if status.is_server_error() {
+            builder.header(header::CACHE_CONTROL, "no-store")
+        } else {
+            builder.header(header::CACHE_CONTROL, self.error_cache_control.clone())
+        };
+        match err {
+            Error::MethodNotAllowed => builder = builder.header(header::ALLOW, "GET, HEAD"),
+            Error::ShuttingDown => builder = builder.header(header::CONNECTION, "close"),
+            _ => {}
+        }
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            builder = builder.header(header::RETRY_AFTER, "1");
+        }
+        let body = if head {
+            Body::default()
+        } else {
+            Body::new(Bytes::from_static(body.as_bytes()))
+        };
+        builder.body(body).unwrap_or_else(|_| {
+            let mut r = Response::new(Body::default());
+            *r.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
+            r
+        })
+    }
+
+    /// Answers one request on the status port.
+    pub async fn handle_status<B>(self: Arc<Self>, req: Request<B>) -> Response<Body> {
+        let path = req.uri().path().to_owned();
+        let (status, content_type, body) = match (req.method(), path.as_str()) {
+            (&Method::GET, "/") => (
+                StatusCode::OK,
+                "application/json",
+                self.status_json().await.to_string(),
+            ),
+            (&Method::GET, "/health") => {
+                let ok = tokio::task::spawn_blocking(vips::self_test).await;
+                match ok {
+                    Ok(Ok(())) => (StatusCode::OK, "text/plain", "ok\n".to_owned()),
+                    _ => (
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "text/plain",
+                        "unhealthy\n".to_owned(),
+                    ),
+                }
+            }
+            (&Method::GET, "/ready") => {
+                if self.shutting_down.load(Ordering::Acquire) {
+                    (
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "text/plain",
+                        "shutting down\n".to_owned(),
+                    )
+                } else if let Some(Err(_)) = match self.pipeline.remote() {
+                    Some(r) => Some(r.check().await),
+                    None => None,
+                } {
+                    (
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "text/plain",
+                        "result store unreachable\n".to_owned(),
+                    )
+                } else {
+                    (StatusCode::OK, "text/plain", "ready\n".to_owned())
+                }
+            }
+            (&Method::GET, "/metrics") => (
+                StatusCode::OK,
+                "text/plain; version=0.0.4",
+                m::prometheus().map(|h| h.render()).unwrap_or_default(),
+            ),
+            (&Method::POST, p) if p.starts_with("/purge/") => self.purge(&req, p),
+            _ => (
+                StatusCode::NOT_FOUND,
+                "text/plain",
+                "not found\n".to_owned(),
+            ),
+        };
+        Response::builder()
+            .status(status)
+            .header(header::CONTENT_TYPE, content_type)
+            .header(header::CACHE_CONTROL, "no-store")
+            .body(Body::new(Bytes::from(body)))
+            .unwrap_or_else(|_| Response::new(Body::default()))
+    }
+
+    fn purge<B>(&self, req: &Request<B>, path: &str) -> (StatusCode, &'static str, String) {
+        let Some(token) = &self.config.admin_token else {
+            return (
+                StatusCode::NOT_FOUND,
+                "text/plain",
+                "purge disabled\n".to_owned(),
+            );
+        };
+        let given = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        if !given.is_some_and(|g| constant_time_eq(g.as_bytes(), token.as_bytes())) {
+            return (
+                StatusCode::UNAUTHORIZED,
+                "text/plain",
+                "unauthorized\n".to_owned(),
+            );
+        }
+        let original = path.trim_start_matches("/purge/");
+        // Reuse the URL grammar to validate the id: a purge path must name a real original.
+        let probe = format!("/{original}/full_size.jpg");
+        if ImageRequest::parse(&probe, &Rules::default()).is_err() {
+            return (StatusCode::BAD_REQUEST, "text/plain", "bad id\n".to_owned());
+        }
+        match self.pipeline.purge_memory(original) {
+            Ok(()) => (StatusCode::OK, "text/plain", "purged\n".to_owned()),
+            Err(e) => {
+                tracing::warn!(error = %e, "purge failed");
+                (
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "text/plain",
+                    "internal error\n".to_owned(),
+                )
+            }
+        }
+    }
+
+    async fn status_json(&self) -> serde_json::Value {
+        let stats = self.pipeline.stats();
+        let mem = self.pipeline.memory();
+        mem.sync().await;
+        let (orig_entries, orig_bytes) = self.pipeline.originals_usage();
+        let ratio = |h: u64, mi: u64| {
+            if h + mi == 0 {
+                0.0
+            } else {
+                h as f64 / (h + mi) as f64
+            }
+        };
+        let remote = self.pipeline.remote().map(|r| {
+            serde_json::json!({
+                "hits": r.hits(),
+                "misses": r.misses(),
+                "hit_ratio": ratio(r.hits(), r.misses()),
+                "writes": r.writes(),
+                "write_fails": r.write_fails(),
+                "pending_writes": r.pending(),
+            })
+        });
+        serde_json::json!({
+            "version": env!("CARGO_PKG_VERSION"),
+            "libvips_version": vips::version(),
+            "uptime_seconds": self.started.elapsed().as_secs(),
+            "shutting_down": self.shutting_down.load(Ordering::Acquire),
+            "processing": { "current": stats.processing_current, "total": stats.processing_total },
+            "downloads": { "current": stats.downloads_current, "total": stats.downloads_total },
+            "queue_depth": stats.queue_depth,
+            "source": self.pipeline.source().describe(),
+            "cache": {
+                "memory": {
+                    "entries": mem.entry_count(),
+                    "bytes": mem.weighted_size(),
+                    "hits": mem.hits(),
+                    "misses": mem.misses(),
+                    "hit_ratio": ratio(mem.hits(), mem.misses()),
+                },
+                "originals": { "entries": orig_entries, "bytes": orig_bytes },
+                "remote": remote,
+            },
+            "limits": self.config.describe(),
+        })
+    }
+}
+
+/// True when the query string has a parameter named `name` (with or without a value).
+fn has_query_param(query: Option<&str>, name: &str) -> bool {
+    query.is_some_and(|q| {
+        q.split('&')
+            .any(|pair| pair.split('=').next() == Some(name))
+    })
+}
+
+/// Whether an `Accept` header lists `mime` with q > 0 (exact type only: `image/*` and `*/*` say
+/// nothing about AVIF or WebP support, browsers that have it list it by name).
+fn accepts(accept: &str, mime: &str) -> bool {
+    accept.split(',').any(|item| {
+        let mut parts = item.split(';');
+        let ty = parts.next().unwrap_or("").trim();
+        if !ty.eq_ignore_ascii_case(mime) {
+            return false;
+        }
+        for p in parts {
+            if let Some(q) = p.trim().strip_prefix("q=") {
+                return q.trim().parse::<f32>().map(|q| q > 0.0).unwrap_or(false);
+            }
+        }
+        true
+    })
+}
+
+/// `If-None-Match` weak comparison (RFC 9110 §13.1.2): a list of tags or `*`.
+fn etag_matches(header: &str, etag: &str) -> bool {
+    let bare = etag.trim_start_matches("W/");
+    header.split(',').any(|t| {
+        let t = t.trim();
+        t == "*" || t.trim_start_matches("W/") == bare
+    })
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accept_negotiation() {
+        assert!(accepts("image/avif,image/webp,*/*", "image/avif"));
+        assert!(accepts("image/webp;q=0.8", "image/webp"));
+        assert!(!accepts("image/webp;q=0", "image/webp"));
+        assert!(!accepts("image/*,*/*;q=0.8", "image/webp"));
+        assert!(!accepts("", "image/webp"));
+        assert!(!accepts("image/webpx", "image/webp"));
+    }
+
+    #[test]
+    fn if_none_match() {
+        assert!(etag_matches("\"abc\"", "\"abc\""));
+        assert!(etag_matches("W/\"abc\"", "\"abc\""));
+        assert!(etag_matches("\"x\", \"abc\"", "\"abc\""));
+        assert!(etag_matches("*", "\"abc\""));
+        assert!(!etag_matches("\"abd\"", "\"abc\""));
+    }
+
+    #[test]
+    fn query_params() {
+        assert!(has_query_param(Some("source=http://x"), "source"));
+        assert!(has_query_param(Some("a=1&source"), "source"));
+        assert!(!has_query_param(Some("sources=1"), "source"));
+        assert!(!has_query_param(None, "source"));
+    }
+
+    #[test]
+    fn token_compare() {
+        assert!(constant_time_eq(b"abc", b"abc"));
+        assert!(!constant_time_eq(b"abc", b"abd"));
+        assert!(!constant_time_eq(b"abc", b"ab"));
+    }
+}

@@ -1,0 +1,499 @@
+//! Step 3b of the request flow (url → cache → **source** → image → store → response), HTTP backend:
+//! fetch an original from `source_domain` (the seed's only source).
+//!
+//! One shared `reqwest` client (connection reuse across requests) with a connect timeout, no proxy
+//! taken from the environment, and no redirects: `source_domain` is our own origin, so a 3xx is a
+//! misconfiguration reported as 502 rather than a hop to wherever it points. `?source=` overrides
+//! with checked redirects are a separate concern (SPEC §9).
+//!
+//! The limits are enforced here, not trusted to the origin: the whole exchange (headers and body)
+//! runs under one `fetch_timeout` deadline, and the body is counted chunk by chunk so an origin
+//! that sends more than `max_source_bytes` is cut off as soon as it crosses the line, whatever its
+//! `Content-Length` said.
+
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use reqwest::StatusCode;
+
+use super::{error_chain, expand_template, probe_request, validate_template};
+use super::{SourceError, SourceLimits};
+use crate::request::ImageRequest;
+
+/// Originals behind an HTTP(S) base URL.
+#[derive(Debug, Clone)]
+pub struct HttpSource {
+    client: reqwest::Client,
+    /// The base URL as text, without a trailing slash; the expanded template is appended.
+    base: String,
+    /// `base` without credentials, for logs.
+    described: String,
+    template: String,
+    limits: SourceLimits,
+}
+
+impl HttpSource {
+    /// Checks the base URL and template and builds the shared client.
+    pub fn new(
+        base: url::Url,
+        template: String,
+        limits: SourceLimits,
+    ) -> Result<HttpSource, SourceError> {
+        if !matches!(base.scheme(), "http" | "https") {
+            return Err(SourceError::Config(format!(
+                "source_domain must be http:// or https://, not {}://",
+                base.scheme()
+            )));
+        }
+        if base.host_str().is_none_or(str::is_empty) {
+            return Err(SourceError::Config("source_domain has no host".into()));
+        }
+        if base.query().is_some() || base.fragment().is_some() {
+            return Err(SourceError::Config(
+                "source_domain must not have a query or fragment".into(),
+            ));
+        }
+        validate_template(&template)?;
+        let client = reqwest::Client::builder()
+            .connect_timeout(limits.connect_timeout)
+            // HTTP_PROXY & co. must not silently reroute originals through another host.
+            .no_proxy()
+            .redirect(reqwest::redirect::Policy::none())
+            .user_agent(concat!("image-server/", env!("CARGO_PKG_VERSION")))
+            // Idle connections to the origin are reused; keep them for less than the usual
+            // server-side keep-alive so we rarely write into a socket the origin just closed.
+            .pool_idle_timeout(Duration::from_secs(30))
+            .build()
+            .map_err(|e| SourceError::Config(format!("HTTP client: {}", error_chain(&e))))?;
+
+        let mut described = base.clone();
+        // Infallible for http(s) URLs with a host (checked above); ignore rather than unwrap.
+        let _ = described.set_username("");
+        let _ = described.set_password(None);
+        let source = HttpSource {
+            client,
+            base: base.as_str().trim_end_matches('/').to_owned(),
+            described: described.as_str().trim_end_matches('/').to_owned(),
+            template,
+            limits,
+        };
+        // Prove at start-up that the template forms a URL; fetch() relies on it.
+        source.url_for(&probe_request())?;
+        Ok(source)
+    }
+
+    /// The URL of `req`'s original: `{base}/{expanded template}`. The base is treated as a
+    /// directory whether or not it ends in `/` (the seed concatenated the same way).
+    fn url_for(&self, req: &ImageRequest) -> Result<url::Url, SourceError> {
+        let path = expand_template(&self.template, req);
+        let text = format!("{}/{}", self.base, path.trim_start_matches('/'));
+        url::Url::parse(&text).map_err(|e| SourceError::Config(format!("source URL: {e}")))
+    }
+
+    /// Fetches `req`'s original within the limits.
+    pub async fn fetch(&self, req: &ImageRequest) -> Result<Bytes, SourceError> {
+        let url = self.url_for(req)?;
+        match tokio::time::timeout(self.limits.fetch_timeout, self.fetch_url(url)).await {
+            Ok(result) => result,
+            Err(_elapsed) => Err(SourceError::Timeout),
+        }
+    }
+
+    /// The exchange itself, without the deadline (the caller owns it).
+    async fn fetch_url(&self, url: url::Url) -> Result<Bytes, SourceError> {
+        let mut resp = self
+            .client
+            .get(url)
+            // Without the gzip feature reqwest would not decode anyway; saying so keeps origins
+            // from compressing, and the byte limit counts what travels on the wire.
+            .header(reqwest::header::ACCEPT_ENCODING, "identity")
+            .send()
+            .await
+            .map_err(map_reqwest)?;
+
+        let status = resp.status();
+        if status == StatusCode::NOT_FOUND || status == StatusCode::GONE {
+            return Err(SourceError::NotFound);
+        }
+        if !status.is_success() {
+            return Err(SourceError::Upstream(format!("origin answered {status}")));
+        }
+
+        let max = self.limits.max_bytes;
+        let declared = resp.content_length();
+        // Refuse early on an honest declaration; a dishonest one is caught while streaming.
+        if declared.is_some_and(|n| n > max) {
+            return Err(SourceError::TooLarge);
+        }
+
+        // Keep chunks rather than appending into one buffer: a small original usually arrives as
+        // a single chunk, which is then returned without a copy.
+        let mut chunks: Vec<Bytes> = Vec::new();
+        let mut total: u64 = 0;
+        while let Some(chunk) = resp.chunk().await.map_err(map_reqwest)? {
+            total = total.saturating_add(chunk.len() as u64);
+            if total > max {
+                return Err(SourceError::TooLarge);
+            }
+            chunks.push(chunk);
+        }
+        if let Some(n) = declared {
+            // hyper already fails a short fixed-length body; this keeps the rule local and explicit.
+            if total != n {
+                return Err(SourceError::Upstream(format!(
+                    "truncated body: {total} of {n} bytes"
+                )));
+            }
+        }
+        Ok(concat(chunks, total))
+    }
+
+    /// The base URL without credentials (`https://cdn.example.com/originals`).
+    pub fn describe(&self) -> String {
+        self.described.clone()
+    }
+}
+
+/// Joins chunks into one buffer, copying only when there is more than one.
+fn concat(mut chunks: Vec<Bytes>, total: u64) -> Bytes {
+    if chunks.len() == 1 {
+        return chunks.pop().unwrap_or_default();
+    }
+    // `total` is at most max_bytes, which fits in memory by configuration.
+    let mut buf = BytesMut::with_capacity(usize::try_from(total).unwrap_or(0));
+    for c in chunks {
+        buf.extend_from_slice(&c);
+    }
+    buf.freeze()
+}
+
+/// Sorts a transport error: a timeout (connect or otherwise) is 504, everything else (refused,
+/// reset, truncated, protocol error) is 502. The URL is dropped from the message: it may carry
+/// credentials and the caller logs which original failed anyway.
+fn map_reqwest(err: reqwest::Error) -> SourceError {
+    if err.is_timeout() {
+        return SourceError::Timeout;
+    }
+    SourceError::Upstream(error_chain(&err.without_url()))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+    use std::time::Instant;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{TcpListener, TcpStream};
+
+    use super::*;
+
+    /// What the test origin does after reading a request's head.
+    #[derive(Clone)]
+    enum Behaviour {
+        /// Writes these bytes (a whole response) and closes.
+        Reply(Vec<u8>),
+        /// Writes the head, then one body byte every `every` until `count` bytes, then closes.
+        Trickle {
+            head: Vec<u8>,
+            count: usize,
+            every: Duration,
+        },
+        /// Reads the request and never answers.
+        Silent,
+        /// Sends a head without a length, then body bytes as fast as it can, forever.
+        Endless,
+    }
+
+    /// A one-purpose HTTP/1.1 origin on a loopback port. Returns its base URL and the request
+    /// heads it received (lower-cased), so tests can check what we sent.
+    async fn origin(behaviour: Behaviour) -> (url::Url, Arc<Mutex<Vec<String>>>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let heads = Arc::new(Mutex::new(Vec::new()));
+        let seen = heads.clone();
+        tokio::spawn(async move {
+            while let Ok((sock, _)) = listener.accept().await {
+                tokio::spawn(serve(sock, behaviour.clone(), seen.clone()));
+            }
+        });
+        let base = url::Url::parse(&format!("http://{addr}/base")).expect("url");
+        (base, heads)
+    }
+
+    async fn serve(mut sock: TcpStream, behaviour: Behaviour, seen: Arc<Mutex<Vec<String>>>) {
+        let mut head = Vec::new();
+        let mut buf = [0u8; 1024];
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+            match sock.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => head.extend_from_slice(&buf[..n]),
+            }
+        }
+        if let Ok(mut v) = seen.lock() {
+            v.push(String::from_utf8_lossy(&head).to_lowercase());
+        }
+        match behaviour {
+            Behaviour::Reply(bytes) => {
+                let _ = sock.write_all(&bytes).await;
+                let _ = sock.shutdown().await;
+            }
+            Behaviour::Trickle { head, count, every } => {
+                let _ = sock.write_all(&head).await;
+                for _ in 0..count {
+                    tokio::time::sleep(every).await;
+                    if sock.write_all(b"x").await.is_err() {
+                        return;
+                    }
+                }
+            }
+            Behaviour::Endless => {
+                let _ = sock.write_all(&response("200 OK", "", b"")).await;
+                let block = [7u8; 16 * 1024];
+                while sock.write_all(&block).await.is_ok() {}
+            }
+            Behaviour::Silent => {
+                // Hold the connection open well past any test deadline.
+                tokio::time::sleep(Duration::from_secs(30)).await;
+            }
+        }
+    }
+
+    fn response(status: &str, headers: &str, body: &[u8]) -> Vec<u8> {
+        let mut out =
+            format!("HTTP/1.1 {status}\r\nconnection: close\r\n{headers}\r\n").into_bytes();
+        out.extend_from_slice(body);
+        out
+    }
+
+    fn with_length(status: &str, body: &[u8]) -> Behaviour {
+        Behaviour::Reply(response(
+            status,
+            &format!("content-length: {}\r\n", body.len()),
+            body,
+        ))
+    }
+
+    fn limits(max_bytes: u64, fetch_ms: u64) -> SourceLimits {
+        SourceLimits {
+            max_bytes,
+            connect_timeout: Duration::from_millis(500),
+            fetch_timeout: Duration::from_millis(fetch_ms),
+        }
+    }
+
+    fn source(base: url::Url, limits: SourceLimits) -> HttpSource {
+        HttpSource::new(base, "{model}/{type}/{id}/original.jpg".into(), limits).expect("source")
+    }
+
+    fn req() -> ImageRequest {
+        ImageRequest {
+            model: "product".into(),
+            kind: "image".into(),
+            id: "42".into(),
+            ..probe_request()
+        }
+    }
+
+    async fn fetch(b: Behaviour, l: SourceLimits) -> Result<Bytes, SourceError> {
+        let (base, _) = origin(b).await;
+        source(base, l).fetch(&req()).await
+    }
+
+    #[tokio::test]
+    async fn ok_body_and_request_shape() {
+        let (base, heads) = origin(with_length("200 OK", b"original bytes")).await;
+        let got = source(base, limits(1000, 2000)).fetch(&req()).await;
+        assert_eq!(got, Ok(Bytes::from_static(b"original bytes")));
+        let heads = heads.lock().expect("lock").clone();
+        assert_eq!(heads.len(), 1);
+        assert!(
+            heads[0].starts_with("get /base/product/image/42/original.jpg http/1.1\r\n"),
+            "{}",
+            heads[0]
+        );
+        assert!(
+            heads[0].contains("accept-encoding: identity\r\n"),
+            "{}",
+            heads[0]
+        );
+    }
+
+    #[tokio::test]
+    async fn body_without_content_length_until_close() {
+        let b = Behaviour::Reply(response("200 OK", "", b"streamed until close"));
+        assert_eq!(
+            fetch(b, limits(1000, 2000)).await,
+            Ok(Bytes::from_static(b"streamed until close"))
+        );
+    }
+
+    #[tokio::test]
+    async fn status_mapping() {
+        let l = limits(1000, 2000);
+        assert_eq!(
+            fetch(with_length("404 Not Found", b"no"), l).await,
+            Err(SourceError::NotFound)
+        );
+        assert_eq!(
+            fetch(with_length("410 Gone", b"no"), l).await,
+            Err(SourceError::NotFound)
+        );
+        for status in [
+            "500 Internal Server Error",
+            "403 Forbidden",
+            "301 Moved Permanently",
+        ] {
+            let b = Behaviour::Reply(response(
+                status,
+                "content-length: 0\r\nlocation: http://127.0.0.1:1/elsewhere\r\n",
+                b"",
+            ));
+            assert!(
+                matches!(fetch(b, l).await, Err(SourceError::Upstream(_))),
+                "{status}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn too_large_with_content_length() {
+        assert_eq!(
+            fetch(with_length("200 OK", &[7u8; 101]), limits(100, 2000)).await,
+            Err(SourceError::TooLarge)
+        );
+        // Exactly at the limit is fine.
+        assert!(fetch(with_length("200 OK", &[7u8; 100]), limits(100, 2000))
+            .await
+            .is_ok());
+    }
+
+    #[tokio::test]
+    async fn too_large_without_content_length() {
+        let big = vec![7u8; 64 * 1024];
+        let b = Behaviour::Reply(response("200 OK", "", &big));
+        assert_eq!(
+            fetch(b, limits(1000, 2000)).await,
+            Err(SourceError::TooLarge)
+        );
+        // A chunked body is counted the same way.
+        let mut chunked = format!("{:x}\r\n", big.len()).into_bytes();
+        chunked.extend_from_slice(&big);
+        chunked.extend_from_slice(b"\r\n0\r\n\r\n");
+        let b = Behaviour::Reply(response(
+            "200 OK",
+            "transfer-encoding: chunked\r\n",
+            &chunked,
+        ));
+        assert_eq!(
+            fetch(b, limits(1000, 2000)).await,
+            Err(SourceError::TooLarge)
+        );
+    }
+
+    #[tokio::test]
+    async fn endless_body_is_cut_at_the_limit() {
+        // Nothing but the streaming count can stop this origin; the deadline is far away.
+        let start = Instant::now();
+        assert_eq!(
+            fetch(Behaviour::Endless, limits(1 << 20, 10_000)).await,
+            Err(SourceError::TooLarge)
+        );
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            start.elapsed()
+        );
+    }
+
+    #[tokio::test]
+    async fn lying_small_content_length_is_not_trusted() {
+        // Declares 10 bytes, sends 5000: at most the declared length is read, and it is refused
+        // or cut, never returned as an original bigger than the limit.
+        let b = Behaviour::Reply(response("200 OK", "content-length: 10\r\n", &[7u8; 5000]));
+        match fetch(b, limits(100, 2000)).await {
+            Ok(body) => assert_eq!(body.len(), 10),
+            Err(e) => panic!("unexpected {e:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn truncated_body_is_upstream() {
+        let b = Behaviour::Reply(response("200 OK", "content-length: 100\r\n", b"only forty"));
+        assert!(matches!(
+            fetch(b, limits(1000, 2000)).await,
+            Err(SourceError::Upstream(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn silent_origin_times_out_at_the_deadline() {
+        let start = Instant::now();
+        assert_eq!(
+            fetch(Behaviour::Silent, limits(1000, 300)).await,
+            Err(SourceError::Timeout)
+        );
+        let took = start.elapsed();
+        assert!(
+            took >= Duration::from_millis(300) && took < Duration::from_secs(2),
+            "{took:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn trickling_origin_hits_the_total_deadline() {
+        // Each byte arrives well within any idle timeout; only a total deadline stops it.
+        let b = Behaviour::Trickle {
+            head: response("200 OK", "content-length: 50\r\n", b""),
+            count: 50,
+            every: Duration::from_millis(100),
+        };
+        let start = Instant::now();
+        assert_eq!(fetch(b, limits(1000, 500)).await, Err(SourceError::Timeout));
+        let took = start.elapsed();
+        assert!(
+            took >= Duration::from_millis(500) && took < Duration::from_secs(2),
+            "{took:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn refused_connection_is_upstream() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        drop(listener);
+        let base = url::Url::parse(&format!("http://{addr}/")).expect("url");
+        let got = source(base, limits(1000, 2000)).fetch(&req()).await;
+        assert!(matches!(got, Err(SourceError::Upstream(_))), "{got:?}");
+    }
+
+    #[test]
+    fn config_checks_and_describe() {
+        let l = limits(1, 1000);
+        let t = || "{id}".to_string();
+        let url = |s: &str| url::Url::parse(s).expect("url");
+        for bad in ["ftp://host/", "http://host/?q=1", "file:///tmp"] {
+            assert!(
+                matches!(
+                    HttpSource::new(url(bad), t(), l),
+                    Err(SourceError::Config(_))
+                ),
+                "{bad}"
+            );
+        }
+        assert!(matches!(
+            HttpSource::new(url("http://host"), "{nope}".into(), l),
+            Err(SourceError::Config(_))
+        ));
+        let s = HttpSource::new(
+            url("https://user:secret@cdn.example.com/originals/"),
+            t(),
+            l,
+        )
+        .expect("source");
+        assert_eq!(s.describe(), "https://cdn.example.com/originals");
+        assert_eq!(
+            s.url_for(&req()).expect("url").as_str(),
+            "https://user:secret@cdn.example.com/originals/42"
+        );
+    }
+}

@@ -1,0 +1,274 @@
+//! Step 3b of the request flow (url → cache → **source** → image → store → response), object-store
+//! backend: fetch an original from `source_store` (`file:///dir`, `s3://bucket/prefix`, `gs://…`,
+//! `az://…`), keyed by the same `source_path` template as the HTTP backend.
+//!
+//! The same limits as HTTP apply: one `fetch_timeout` deadline over the whole read, the object's
+//! size checked before any byte is read, and the byte limit enforced again while streaming (a store
+//! can return more than its listing said, e.g. when the object is replaced mid-read).
+
+use std::error::Error as StdError;
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use futures::StreamExt;
+use object_store::path::Path as StorePath;
+use object_store::{ObjectStore, ObjectStoreExt};
+
+use super::{
+    error_chain, expand_template, object_store_from_url, probe_request, validate_template,
+};
+use super::{SourceError, SourceLimits};
+use crate::config::S3Config;
+use crate::request::ImageRequest;
+
+/// Originals in an object store.
+#[derive(Debug, Clone)]
+pub struct ObjectSource {
+    store: Arc<dyn ObjectStore>,
+    prefix: StorePath,
+    /// The store URL as configured (credentials are refused in it), for logs.
+    described: String,
+    template: String,
+    limits: SourceLimits,
+}
+
+impl ObjectSource {
+    /// Builds the store from its URL and checks the template.
+    pub fn new(
+        store_url: &str,
+        s3: &S3Config,
+        template: String,
+        limits: SourceLimits,
+    ) -> Result<ObjectSource, SourceError> {
+        validate_template(&template)?;
+        // One HTTP request to the store may take the whole fetch deadline; retries stay inside it.
+        let (store, prefix) =
+            object_store_from_url(store_url, s3, limits.fetch_timeout, limits.connect_timeout)?;
+        let source = ObjectSource {
+            store,
+            prefix,
+            described: store_url.trim_end_matches('/').to_owned(),
+            template,
+            limits,
+        };
+        // Prove at start-up that the template forms a valid key; fetch() relies on it.
+        source.key_for(&probe_request())?;
+        Ok(source)
+    }
+
+    /// The key of `req`'s original: `{prefix}/{expanded template}`.
+    fn key_for(&self, req: &ImageRequest) -> Result<StorePath, SourceError> {
+        let expanded = expand_template(&self.template, req);
+        let rel = expanded.trim_matches('/');
+        let full = if self.prefix.is_root() {
+            rel.to_owned()
+        } else {
+            format!("{}/{rel}", self.prefix)
+        };
+        StorePath::parse(&full)
+            .map_err(|e| SourceError::Config(format!("source key {full:?}: {e}")))
+    }
+
+    /// Fetches `req`'s original within the limits.
+    pub async fn fetch(&self, req: &ImageRequest) -> Result<Bytes, SourceError> {
+        let key = self.key_for(req)?;
+        match tokio::time::timeout(self.limits.fetch_timeout, self.read(&key)).await {
+            Ok(result) => result,
+            Err(_elapsed) => Err(SourceError::Timeout),
+        }
+    }
+
+    /// The read itself, without the deadline (the caller owns it).
+    async fn read(&self, key: &StorePath) -> Result<Bytes, SourceError> {
+        let result = self.store.get(key).await.map_err(map_store)?;
+        let max = self.limits.max_bytes;
+        // The size comes with the GET's own response, so this refuses before reading the body.
+        if result.meta.size > max {
+            return Err(SourceError::TooLarge);
+        }
+        let expected = result.meta.size;
+        let mut stream = result.into_stream();
+        let mut chunks: Vec<Bytes> = Vec::new();
+        let mut total: u64 = 0;
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(map_store)?;
+            total = total.saturating_add(chunk.len() as u64);
+            if total > max {
+                return Err(SourceError::TooLarge);
+            }
+            chunks.push(chunk);
+        }
+        if total != expected {
+            return Err(SourceError::Upstream(format!(
+                "object changed or truncated: {total} of {expected} bytes"
+            )));
+        }
+        Ok(concat(chunks, total))
+    }
+
+    /// The store URL (`file:///srv/originals`, `s3://bucket/prefix`).
+    pub fn describe(&self) -> String {
+        self.described.clone()
+    }
+}
+
+/// Joins chunks into one buffer, copying only when there is more than one.
+fn concat(mut chunks: Vec<Bytes>, total: u64) -> Bytes {
+    if chunks.len() == 1 {
+        return chunks.pop().unwrap_or_default();
+    }
+    let mut buf = BytesMut::with_capacity(usize::try_from(total).unwrap_or(0));
+    for c in chunks {
+        buf.extend_from_slice(&c);
+    }
+    buf.freeze()
+}
+
+/// Sorts a store error: missing is 404, a timed-out HTTP request to the store is 504, anything
+/// else (refused, 5xx, denied, I/O) is 502.
+fn map_store(err: object_store::Error) -> SourceError {
+    if let object_store::Error::NotFound { .. } = err {
+        return SourceError::NotFound;
+    }
+    if is_timeout(&err) {
+        return SourceError::Timeout;
+    }
+    SourceError::Upstream(error_chain(&err))
+}
+
+/// Whether a store error was caused by a request timeout somewhere down its cause chain (the
+/// store's client timeout can fire just before our own deadline).
+fn is_timeout(err: &(dyn StdError + 'static)) -> bool {
+    let mut cur: Option<&(dyn StdError + 'static)> = Some(err);
+    while let Some(e) = cur {
+        if let Some(h) = e.downcast_ref::<object_store::client::HttpError>() {
+            if matches!(h.kind(), object_store::client::HttpErrorKind::Timeout) {
+                return true;
+            }
+        }
+        if let Some(r) = e.downcast_ref::<reqwest::Error>() {
+            if r.is_timeout() {
+                return true;
+            }
+        }
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            if io.kind() == std::io::ErrorKind::TimedOut {
+                return true;
+            }
+        }
+        cur = e.source();
+    }
+    false
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use super::*;
+
+    fn limits(max_bytes: u64) -> SourceLimits {
+        SourceLimits {
+            max_bytes,
+            connect_timeout: Duration::from_millis(500),
+            fetch_timeout: Duration::from_secs(2),
+        }
+    }
+
+    fn req(id: &str) -> ImageRequest {
+        ImageRequest {
+            model: "product".into(),
+            kind: "image".into(),
+            id: id.into(),
+            ..probe_request()
+        }
+    }
+
+    /// A `file://` source over a temporary directory holding product/image/1/original.jpg.
+    fn file_source(max_bytes: u64) -> (tempfile::TempDir, ObjectSource) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let orig = dir.path().join("originals/product/image/1");
+        std::fs::create_dir_all(&orig).expect("mkdir");
+        std::fs::write(orig.join("original.jpg"), b"0123456789").expect("write");
+        let url = url::Url::from_directory_path(dir.path().join("originals")).expect("url");
+        let source = ObjectSource::new(
+            url.as_str(),
+            &S3Config::default(),
+            "{model}/{type}/{id}/original.jpg".into(),
+            limits(max_bytes),
+        )
+        .expect("source");
+        (dir, source)
+    }
+
+    #[tokio::test]
+    async fn file_found() {
+        let (_dir, s) = file_source(100);
+        assert_eq!(
+            s.fetch(&req("1")).await,
+            Ok(Bytes::from_static(b"0123456789"))
+        );
+        assert!(s.describe().starts_with("file:///"), "{}", s.describe());
+    }
+
+    #[tokio::test]
+    async fn file_missing_is_not_found() {
+        let (_dir, s) = file_source(100);
+        assert_eq!(s.fetch(&req("2")).await, Err(SourceError::NotFound));
+    }
+
+    #[tokio::test]
+    async fn file_too_large() {
+        let (_dir, s) = file_source(9);
+        assert_eq!(s.fetch(&req("1")).await, Err(SourceError::TooLarge));
+        let (_dir, s) = file_source(10);
+        assert!(
+            s.fetch(&req("1")).await.is_ok(),
+            "exactly at the limit is fine"
+        );
+    }
+
+    #[tokio::test]
+    async fn memory_store_with_prefix() {
+        let s = ObjectSource::new(
+            "memory://originals",
+            &S3Config::default(),
+            "{model}/{id}.jpg".into(),
+            limits(100),
+        )
+        .expect("source");
+        s.store
+            .put(
+                &StorePath::from("originals/product/7.jpg"),
+                Bytes::from_static(b"abc").into(),
+            )
+            .await
+            .expect("put");
+        assert_eq!(s.fetch(&req("7")).await, Ok(Bytes::from_static(b"abc")));
+    }
+
+    #[tokio::test]
+    async fn unreachable_s3_fails_fast_as_upstream() {
+        // A refused endpoint must not sit in object_store's default retry loop (minutes).
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        drop(listener);
+        let s3 = S3Config {
+            endpoint: Some(format!("http://{addr}")),
+            region: "us-east-1".into(),
+            allow_http: true,
+            access_key_id: Some("key".into()),
+            secret_access_key: Some("secret".into()),
+        };
+        let s =
+            ObjectSource::new("s3://bucket/p", &s3, "{id}".into(), limits(100)).expect("source");
+        let start = Instant::now();
+        let got = s.fetch(&req("1")).await;
+        assert!(matches!(got, Err(SourceError::Upstream(_))), "{got:?}");
+        assert!(
+            start.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            start.elapsed()
+        );
+    }
+}

@@ -1,0 +1,243 @@
+//! Test harness: a real loopback HTTP origin, the real server started on 127.0.0.1:0, a client, and
+//! readers that decode outputs independently. Every address used here is on loopback.
+
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::service::service_fn;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use image_server::config::{self, Config};
+use image_server::image::vips;
+use image_server::server::{self, Running};
+use image_server::service::App;
+use tokio::net::TcpListener;
+
+/// How the origin answers.
+#[derive(Clone, Debug)]
+pub enum Reply {
+    /// 200 with these bytes.
+    Body(Bytes),
+    /// This status with a short body.
+    Status(u16),
+    /// Accept the request and never answer.
+    Hang,
+}
+
+/// A loopback HTTP origin with scripted replies that counts every request it receives.
+#[derive(Clone)]
+pub struct Origin {
+    pub addr: SocketAddr,
+    replies: Arc<Mutex<HashMap<String, Reply>>>,
+    hits: Arc<Mutex<HashMap<String, usize>>>,
+    total: Arc<AtomicUsize>,
+    delay: Arc<Mutex<Duration>>,
+}
+
+impl Origin {
+    /// Starts an origin on 127.0.0.1:0.
+    pub async fn start() -> Origin {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind origin");
+        Origin::serve_on(listener)
+    }
+
+    /// Starts an origin on a given (previously used) loopback address.
+    pub async fn start_on(addr: SocketAddr) -> Origin {
+        let listener = TcpListener::bind(addr).await.expect("rebind origin");
+        Origin::serve_on(listener)
+    }
+
+    fn serve_on(listener: TcpListener) -> Origin {
+        let origin = Origin {
+            addr: listener.local_addr().expect("addr"),
+            replies: Arc::default(),
+            hits: Arc::default(),
+            total: Arc::default(),
+            delay: Arc::new(Mutex::new(Duration::ZERO)),
+        };
+        let o = origin.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
+                let o = o.clone();
+                tokio::spawn(async move {
+                    let svc = service_fn(move |req: Request<hyper::body::Incoming>| {
+                        let o = o.clone();
+                        async move { Ok::<_, Infallible>(o.reply(req.uri().path()).await) }
+                    });
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        origin
+    }
+
+    async fn reply(&self, path: &str) -> Response<Full<Bytes>> {
+        self.total.fetch_add(1, Ordering::SeqCst);
+        *self
+            .hits
+            .lock()
+            .expect("lock")
+            .entry(path.to_owned())
+            .or_default() += 1;
+        let delay = *self.delay.lock().expect("lock");
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
+        let reply = self.replies.lock().expect("lock").get(path).cloned();
+        match reply {
+            Some(Reply::Body(b)) => Response::builder()
+                .header("content-type", "image/jpeg")
+                .body(Full::new(b))
+                .expect("response"),
+            Some(Reply::Status(s)) => Response::builder()
+                .status(StatusCode::from_u16(s).expect("status"))
+                .body(Full::new(Bytes::from_static(b"origin says no")))
+                .expect("response"),
+            Some(Reply::Hang) => {
+                std::future::pending::<()>().await;
+                unreachable!()
+            }
+            None => Response::builder()
+                .status(404)
+                .body(Full::new(Bytes::from_static(b"missing")))
+                .expect("response"),
+        }
+    }
+
+    /// Serves `bytes` as the original of `{model}/{type}/{id}` (the default template).
+    pub fn put(&self, original: &str, bytes: impl Into<Bytes>) {
+        self.replies.lock().expect("lock").insert(
+            format!("/{original}/original.jpg"),
+            Reply::Body(bytes.into()),
+        );
+    }
+
+    /// Scripts a reply for the original of `{model}/{type}/{id}`.
+    pub fn script(&self, original: &str, reply: Reply) {
+        self.replies
+            .lock()
+            .expect("lock")
+            .insert(format!("/{original}/original.jpg"), reply);
+    }
+
+    /// Delay before every answer.
+    pub fn set_delay(&self, d: Duration) {
+        *self.delay.lock().expect("lock") = d;
+    }
+
+    /// Requests received for one original.
+    pub fn hits(&self, original: &str) -> usize {
+        self.hits
+            .lock()
+            .expect("lock")
+            .get(&format!("/{original}/original.jpg"))
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// Requests received in all.
+    pub fn total(&self) -> usize {
+        self.total.load(Ordering::SeqCst)
+    }
+
+    /// The base URL.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
+
+/// The test configuration (`config/test.toml`) with overrides.
+pub fn config(overrides: &[(&str, &str)]) -> Config {
+    let flags: Vec<(String, String)> = overrides
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect();
+    config::load_from(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("config").as_path(),
+        "test",
+        None,
+        std::iter::empty(),
+        flags,
+    )
+    .expect("test config")
+}
+
+/// Starts the real server with this config on 127.0.0.1:0 (both ports).
+pub async fn start(config: Config) -> Running {
+    vips::init(config.accept_avif_input).expect("libvips");
+    image_server::metrics::install(None);
+    let app = App::new(config).expect("app");
+    server::start(app).await.expect("server starts")
+}
+
+/// Starts the server against an HTTP origin.
+pub async fn start_with_origin(origin: &Origin, extra: &[(&str, &str)]) -> Running {
+    let url = origin.url();
+    let mut o: Vec<(&str, &str)> = vec![("source_domain", url.as_str())];
+    o.extend_from_slice(extra);
+    start(config(&o)).await
+}
+
+/// A client that never follows redirects and never uses a proxy.
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .redirect(reqwest::redirect::Policy::none())
+        .timeout(Duration::from_secs(30))
+        .build()
+        .expect("client")
+}
+
+/// GETs a path on the server.
+pub async fn get(server: &Running, path: &str) -> reqwest::Response {
+    client()
+        .get(format!("http://{}{}", server.addr, path))
+        .send()
+        .await
+        .expect("request")
+}
+
+/// The header's value as a string ("" when absent).
+pub fn header(resp: &reqwest::Response, name: &str) -> String {
+    resp.headers()
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_owned()
+}
+
+/// Reads an output's format and size back with libvips (header only).
+pub fn probe(bytes: &[u8]) -> vips::Header {
+    vips::probe(bytes, &image_server::image::DecodeLimits::default()).expect("decodable output")
+}
+
+/// Every metadata tag exiftool finds in `bytes`, as `Group:Tag` names (an independent reader).
+pub fn exif_tags(bytes: &[u8]) -> Vec<String> {
+    let dir = tempfile::tempdir().expect("tmp");
+    let path = dir.path().join("img");
+    std::fs::write(&path, bytes).expect("write");
+    let out = std::process::Command::new("exiftool")
+        .args(["-j", "-G", "-a", "-u"])
+        .arg(&path)
+        .output()
+        .expect("exiftool is installed (make test installs it)");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("exiftool json");
+    v.get(0)
+        .and_then(|o| o.as_object())
+        .map(|o| o.keys().cloned().collect())
+        .unwrap_or_default()
+}
