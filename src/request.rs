@@ -307,7 +307,7 @@ impl ImageRequest {
         }
         if let Some(allowed) = &rules.allowed_sizes {
             let name = version.to_string();
-            if !allowed.iter().any(|a| *a == name) {
+            if !allowed.contains(&name) {
                 return Err(RequestError::SizeNotAllowed);
             }
         }

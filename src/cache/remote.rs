@@ -206,11 +206,9 @@ impl RemoteStore {
             attributes,
             ..PutOptions::default()
         };
-        let put = self.store.put_opts(
-            &self.path(key),
-            PutPayload::from_bytes(variant.bytes.clone()),
-            opts,
-        );
+        let path = self.path(key);
+        let payload = PutPayload::from_bytes(variant.bytes.clone());
+        let put = self.store.put_opts(&path, payload, opts);
         match tokio::time::timeout(self.timeout, put).await {
             Err(_) => Err(StoreError::Timeout),
             Ok(Err(e)) => Err(StoreError::Unavailable(e.to_string())),

@@ -1,10 +1,1901 @@
-//! The only file that touches libvips (stub, being written).
-use super::{DecodeLimits, ImageError, RenderSpec, Rendered};
-/// Renders one variant.
+//! Step 3c of the request flow, the libvips half of rendering: the ONLY file in the crate that touches
+//! libvips (through `rs-vips` 0.7.0, against the system libvips 8.14.1).
+//!
+//! [`super::Processor`] calls [`render`] on a blocking thread; `main` calls [`init`] once before the
+//! tokio runtime starts; `/health` calls [`self_test`]. One render is:
+//!
+//! 1. **Sniff** the magic number and pick the loader ourselves (JPEG, PNG, WebP, GIF, and HEIF/AVIF only
+//!    when `accept_avif_input`); anything else is [`ImageError::UnsupportedFormat`]. libvips' own loader
+//!    allow-list, set up in [`init`], is the second line of defence.
+//! 2. **Header**: open the original lazily (no pixels decoded), read width, height, pages and EXIF
+//!    orientation, refuse with [`ImageError::SourceTooLarge`] over `max_source_pixels`/`max_source_side`
+//!    (SPEC §9). Only then is [`decodes_started`] incremented.
+//! 3. **Decode once**, shrinking on load (JPEG `shrink` 1/2/4/8, WebP `scale`), sequential access,
+//!    `fail_on = warning` so a truncated file is an error rather than a grey image; first frame only.
+//! 4. **Resize** to the exact size from [`super::geometry::plan`] (alpha premultiplied meanwhile), apply
+//!    the EXIF orientation, **crop** (centre, or libvips `smartcrop` for attention/entropy).
+//! 5. **Colour**: embedded ICC profile → sRGB, CMYK/16-bit → 8-bit sRGB; alpha flattened onto the
+//!    background for JPEG only.
+//! 6. **Strip** every metadata field by hand (libvips 8.14.1 `webpsave` ignores `strip`, see
+//!    PLATFORM.md) as well as asking the encoder to, then **encode** once.
+//!
+//! Greyscale originals stay one-band greyscale for JPEG and PNG (smaller, and every viewer shows it the
+//! same) and become sRGB for WebP, AVIF and GIF, whose encoders want colour input.
+//!
+//! Errors: a libvips failure while reading the header or pixels is [`ImageError::Undecodable`], one in
+//! the encoder is [`ImageError::Internal`]. libvips is lazy, so to tell them apart the processed image is
+//! pulled into memory before the encoder runs (it is at most the output size, a few MB); only huge
+//! JPEG/PNG outputs (over [`STREAM_ABOVE_PIXELS`]) stream straight from the decoder into the encoder,
+//! and there a failure is reported as `Undecodable`, by far the likelier cause. The libvips error
+//! buffer is cleared after every failure and its text is only ever logged, never matched.
+
+use std::cell::Cell;
+use std::ffi::{CStr, CString};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Mutex, OnceLock};
+
+use bytes::Bytes;
+use rs_vips::bindings;
+use rs_vips::enums::{BandFormat, Interpretation};
+use rs_vips::voption::{Setter, VOption};
+use rs_vips::{Vips, VipsImage};
+
+use super::geometry::{self, Size};
+use super::{DecodeLimits, Gravity, ImageError, RenderSpec, Rendered};
+use crate::request::Format;
+
+/// Outputs larger than this many pixels, in a format whose encoder streams (JPEG, PNG), are encoded
+/// straight from the lazy pipeline instead of being materialised first: 16 MP × 4 bands = 64 MB is the
+/// most one render holds for the sake of precise error classification. Every version up to the
+/// 2048×2048 request limit stays below it; only `full_size` of a big original goes above.
+pub const STREAM_ABOVE_PIXELS: u64 = 1 << 24;
+
+/// The libvips loader classes that stay usable after `VipsForeignLoad` is blocked: exactly the formats
+/// SPEC §3 loads. Unblocking a class unblocks its file/buffer/source subclasses.
+const ALLOWED_LOADERS: [&str; 4] = [
+    "VipsForeignLoadJpeg",
+    "VipsForeignLoadPng",
+    "VipsForeignLoadWebp",
+    // libvips 8.14 loads GIF with libnsgif.
+    "VipsForeignLoadNsgif",
+];
+
+/// The HEIF/AVIF loader class, unblocked only for `accept_avif_input`.
+const HEIF_LOADER: &str = "VipsForeignLoadHeif";
+
+/// Metadata field name prefixes removed before every save (the libvips 8.14.1 `webpsave` ignores
+/// `strip`, so the encoder cannot be trusted to drop them). `orientation` must go too: the pixels are
+/// already upright, and a left-over tag would make viewers rotate them a second time.
+const METADATA_PREFIXES: [&str; 5] = ["exif-", "xmp", "iptc", "icc", "orientation"];
+
+static INIT: OnceLock<Result<(), ImageError>> = OnceLock::new();
+/// Serialises changes to the process-global loader block list.
+static BLOCK_LOCK: Mutex<()> = Mutex::new(());
+static HEIF_UNBLOCKED: AtomicBool = AtomicBool::new(false);
+static DECODES: AtomicU64 = AtomicU64::new(0);
+
+thread_local! {
+    /// Per-thread twin of [`DECODES`]: unit tests run in parallel threads, and a test proving that a
+    /// bomb is never decoded must not see the decodes of its neighbours.
+    static THREAD_DECODES: Cell<u64> = const { Cell::new(0) };
+}
+
+/// Starts libvips once per process, before the tokio runtime: `vips_init`, one libvips worker thread
+/// per operation (SPEC §8: the parallelism is our pool's, not libvips'), the operation cache off
+/// (every request is different, and the cache would pin originals in memory), untrusted operations
+/// blocked, and every loader blocked except JPEG, PNG, WebP and GIF (plus HEIF/AVIF when
+/// `accept_avif_input`).
+///
+/// Idempotent. A later call with `accept_avif_input = true` unblocks the HEIF loaders; nothing is
+/// re-blocked (loaders are only ever widened, so concurrent renders never see a loader vanish).
+pub fn init(accept_avif_input: bool) -> Result<(), ImageError> {
+    INIT.get_or_init(start).clone()?;
+    if accept_avif_input && !HEIF_UNBLOCKED.load(Ordering::Acquire) {
+        let _guard = BLOCK_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+        block_set(HEIF_LOADER, false);
+        HEIF_UNBLOCKED.store(true, Ordering::Release);
+    }
+    Ok(())
+}
+
+fn start() -> Result<(), ImageError> {
+    if let Err(e) = Vips::init("image-server") {
+        let message = e.to_string();
+        Vips::error_clear();
+        return Err(ImageError::Internal(format!("libvips init: {message}")));
+    }
+    Vips::concurrency_set(1);
+    Vips::cache_set_max(0);
+    Vips::cache_set_max_mem(0);
+    Vips::cache_set_max_files(0);
+    let _guard = BLOCK_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    // SAFETY: plain setter on a process-global flag; libvips is initialised.
+    unsafe { bindings::vips_block_untrusted_set(1) };
+    block_set("VipsForeignLoad", true);
+    for loader in ALLOWED_LOADERS {
+        block_set(loader, false);
+    }
+    Ok(())
+}
+
+fn block_set(name: &str, blocked: bool) {
+    let Ok(name) = CString::new(name) else {
+        return;
+    };
+    // SAFETY: `name` is a valid NUL-terminated string that outlives the call; libvips is initialised.
+    unsafe { bindings::vips_operation_block_set(name.as_ptr(), i32::from(blocked)) };
+}
+
+/// Makes every entry point safe to call even if `main` forgot [`init`]: libvips is started with the
+/// default (AVIF input off) policy rather than used uninitialised.
+fn ensure_init() -> Result<(), ImageError> {
+    INIT.get_or_init(start).clone()
+}
+
+/// The libvips version, e.g. `"8.14.1"`.
+pub fn version() -> String {
+    // SAFETY: vips_version only reads compile-time constants.
+    let (major, minor, micro) = unsafe {
+        (
+            bindings::vips_version(0),
+            bindings::vips_version(1),
+            bindings::vips_version(2),
+        )
+    };
+    format!("{major}.{minor}.{micro}")
+}
+
+/// A tiny end-to-end libvips operation for `/health`: build a 2×2 image and encode it as PNG.
+pub fn self_test() -> Result<(), ImageError> {
+    ensure_init()?;
+    let png = VipsImage::black(2, 2)
+        .and_then(|i| i.pngsave_buffer())
+        .map_err(internal)?;
+    if png.starts_with(b"\x89PNG\r\n\x1a\n") {
+        Ok(())
+    } else {
+        Err(ImageError::Internal("self test: not a PNG".into()))
+    }
+}
+
+/// How many pixel decodes [`render`] has started since start-up. Incremented after the header checks
+/// pass and right before the pixels are decoded, so a refused bomb never counts.
+pub fn decodes_started() -> u64 {
+    DECODES.load(Ordering::Relaxed)
+}
+
+/// Header facts of an original, read without decoding pixels.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Header {
+    /// The original's format (HEIF and AVIF input both map to [`Format::Avif`]).
+    pub format: Format,
+    /// Width as stored (before EXIF orientation).
+    pub width: u32,
+    /// Height as stored (of one frame, for animations).
+    pub height: u32,
+    /// Frames (1 for still images).
+    pub pages: u32,
+}
+
+/// The loaders we call, picked from the bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    Jpeg,
+    Png,
+    Webp,
+    Gif,
+    Heif,
+}
+
+impl Kind {
+    fn format(self) -> Format {
+        match self {
+            Kind::Jpeg => Format::Jpeg,
+            Kind::Png => Format::Png,
+            Kind::Webp => Format::Webp,
+            Kind::Gif => Format::Gif,
+            Kind::Heif => Format::Avif,
+        }
+    }
+}
+
+/// HEIF `ftyp` brands we hand to libheif: AVIF stills and sequences, HEVC stills and sequences, and the
+/// generic HEIF image/sequence brands.
+const HEIF_BRANDS: [&[u8; 4]; 10] = [
+    b"avif", b"avis", b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"mif1", b"msf1",
+];
+
+/// Picks the loader from the magic number (never from a name or a Content-Type).
+fn sniff(b: &[u8]) -> Option<Kind> {
+    if b.starts_with(&[0xFF, 0xD8, 0xFF]) {
+        Some(Kind::Jpeg)
+    } else if b.starts_with(b"\x89PNG\r\n\x1a\n") {
+        Some(Kind::Png)
+    } else if b.starts_with(b"GIF87a") || b.starts_with(b"GIF89a") {
+        Some(Kind::Gif)
+    } else if b.len() >= 12 && &b[..4] == b"RIFF" && &b[8..12] == b"WEBP" {
+        Some(Kind::Webp)
+    } else if is_heif(b) {
+        Some(Kind::Heif)
+    } else {
+        None
+    }
+}
+
+/// An ISO-BMFF `ftyp` box whose major or compatible brands name a HEIF/AVIF flavour.
+fn is_heif(b: &[u8]) -> bool {
+    if b.len() < 16 || &b[4..8] != b"ftyp" {
+        return false;
+    }
+    let declared = u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize;
+    let end = declared.clamp(16, b.len()).min(256);
+    // Major brand at 8..12, minor version at 12..16, compatible brands from 16 on.
+    std::iter::once(&b[8..12])
+        .chain(b[16..end].chunks_exact(4))
+        .any(|brand| HEIF_BRANDS.iter().any(|h| h.as_slice() == brand))
+}
+
+/// Whether `kind` may be loaded under `limits` and the libvips block list.
+fn allowed(kind: Kind, limits: &DecodeLimits) -> bool {
+    kind != Kind::Heif || (limits.accept_avif_input && HEIF_UNBLOCKED.load(Ordering::Acquire))
+}
+
+/// What a load asks of the decoder beyond the defaults.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Reduce {
+    None,
+    JpegShrink(u32),
+    WebpScale(f64),
+}
+
+/// Opens `bytes` with the loader for `kind`. libvips loaders are lazy: this parses the header only;
+/// the pixels are decoded when something downstream first asks for them.
+fn load(kind: Kind, bytes: &[u8], reduce: Reduce) -> Result<VipsImage, ImageError> {
+    let options = VOption::new()
+        .set("access", "sequential")
+        // A warning (truncated scan, bad CRC, …) aborts the decode: better a 422 than a grey image.
+        .set("fail_on", "warning");
+    let result = match kind {
+        Kind::Jpeg => {
+            let shrink = match reduce {
+                Reduce::JpegShrink(s) => i32::try_from(s).unwrap_or(1),
+                _ => 1,
+            };
+            VipsImage::jpegload_buffer_with_opts(bytes, options.set("shrink", shrink))
+        }
+        Kind::Png => VipsImage::pngload_buffer_with_opts(bytes, options),
+        Kind::Webp => {
+            let options = options.set("n", 1);
+            match reduce {
+                Reduce::WebpScale(s) => {
+                    VipsImage::webpload_buffer_with_opts(bytes, options.set("scale", s))
+                }
+                _ => VipsImage::webpload_buffer_with_opts(bytes, options),
+            }
+        }
+        // First frame only (SPEC §3); `n-pages` still reports how many there are.
+        Kind::Gif => VipsImage::gifload_buffer_with_opts(bytes, options.set("n", 1)),
+        Kind::Heif => VipsImage::heifload_buffer_with_opts(bytes, options.set("n", 1)),
+    };
+    result.map_err(undecodable)
+}
+
+fn dims(img: &VipsImage) -> Result<Size, ImageError> {
+    let w = u32::try_from(img.get_width()).map_err(|_| ImageError::Undecodable)?;
+    let h = u32::try_from(img.get_height()).map_err(|_| ImageError::Undecodable)?;
+    if w == 0 || h == 0 {
+        return Err(ImageError::Undecodable);
+    }
+    Ok(Size::new(w, h))
+}
+
+fn header_of(kind: Kind, img: &VipsImage) -> Result<Header, ImageError> {
+    let size = dims(img)?;
+    Ok(Header {
+        format: kind.format(),
+        width: size.width,
+        height: size.height,
+        pages: u32::try_from(img.get_n_pages()).unwrap_or(1).max(1),
+    })
+}
+
+/// Header facts of an original, read without decoding pixels. Refuses formats we do not load
+/// ([`ImageError::UnsupportedFormat`]) and unreadable headers ([`ImageError::Undecodable`]); does not
+/// apply the size limits (that is [`render`]'s job, so callers can see what a bomb claims to be).
+pub fn probe(original: &[u8], limits: &DecodeLimits) -> Result<Header, ImageError> {
+    ensure_init()?;
+    let kind = sniff(original).ok_or(ImageError::UnsupportedFormat)?;
+    if !allowed(kind, limits) {
+        return Err(ImageError::UnsupportedFormat);
+    }
+    let img = load(kind, original, Reduce::None)?;
+    header_of(kind, &img)
+}
+
+fn check_limits(size: Size, pages: u32, limits: &DecodeLimits) -> Result<(), ImageError> {
+    let pixels = size.pixels().saturating_mul(u64::from(pages));
+    if size.width > limits.max_side || size.height > limits.max_side || pixels > limits.max_pixels {
+        return Err(ImageError::SourceTooLarge);
+    }
+    Ok(())
+}
+
+/// Renders one variant: probe and limit checks, then one decode with shrink-on-load, EXIF orientation,
+/// resize, crop, sRGB conversion, alpha handling, metadata stripping and one encode.
+///
+/// The intermediate (resized, before crop) and output sizes are held to the same
+/// `max_source_side`/`max_source_pixels` limits as the original: enlarging an extreme panorama (say
+/// `w2048` of a 1×16384 strip) would otherwise ask for a billions-of-pixels image. Such requests get
+/// [`ImageError::SourceTooLarge`] too.
 pub fn render(
-    _original: &[u8],
-    _spec: &RenderSpec,
-    _limits: &DecodeLimits,
+    original: &[u8],
+    spec: &RenderSpec,
+    limits: &DecodeLimits,
 ) -> Result<Rendered, ImageError> {
-    Err(ImageError::Internal("not yet".into()))
+    ensure_init()?;
+    let kind = sniff(original).ok_or(ImageError::UnsupportedFormat)?;
+    if !allowed(kind, limits) {
+        return Err(ImageError::UnsupportedFormat);
+    }
+    let opened = load(kind, original, Reduce::None)?;
+    let header = header_of(kind, &opened)?;
+    let stored = Size::new(header.width, header.height);
+    check_limits(stored, header.pages, limits)?;
+
+    // libheif applies HEIF's own rotation (irot/imir) while decoding, so any EXIF orientation the
+    // container also carries must not be applied a second time.
+    let orientation = match kind {
+        Kind::Heif => 1,
+        _ => u8::try_from(opened.get_orientation()).unwrap_or(1),
+    };
+    let plan = geometry::plan(&spec.version, stored, orientation, spec.enlarge);
+    check_limits(plan.resized, 1, limits)?;
+    check_limits(plan.output, 1, limits)?;
+    if plan.output.width.max(plan.output.height) > encoder_max_side(spec.format) {
+        return Err(ImageError::SourceTooLarge);
+    }
+    let sideways = geometry::swaps_sides(orientation);
+    let target = if sideways {
+        plan.resized.transposed()
+    } else {
+        plan.resized
+    };
+
+    DECODES.fetch_add(1, Ordering::Relaxed);
+    THREAD_DECODES.with(|c| c.set(c.get() + 1));
+
+    // Re-open with the decoder doing the bulk of the reduction; every other format decodes at full size.
+    let decoded = match kind {
+        Kind::Jpeg if plan.shrink > 1 => load(kind, original, Reduce::JpegShrink(plan.shrink))?,
+        Kind::Webp if target != stored => {
+            let scale = geometry::webp_scale(stored, target);
+            if scale < 1.0 {
+                load(kind, original, Reduce::WebpScale(scale))?
+            } else {
+                opened
+            }
+        }
+        _ => opened,
+    };
+
+    let mut img = resize_exact(&decoded, target)?;
+    let mut in_memory = false;
+
+    // Rotation and smart crop read the image out of order, which a sequential decode cannot serve: pull
+    // the resized (small) image into memory first. This is where the decode happens, so a failure here
+    // is the original's fault.
+    let smart = plan.crop.is_some() && spec.gravity != Gravity::Centre;
+    let rotate = orientation > 1 && orientation <= 8;
+    if rotate || smart {
+        img = img.copy_memory().map_err(undecodable)?;
+        in_memory = true;
+    }
+    if rotate {
+        img = img.autorot().map_err(internal)?;
+    }
+    if let Some(c) = plan.crop {
+        img = match spec.gravity {
+            Gravity::Centre => img.extract_area(
+                to_i32(c.left)?,
+                to_i32(c.top)?,
+                to_i32(c.width)?,
+                to_i32(c.height)?,
+            ),
+            Gravity::Attention | Gravity::Entropy => {
+                let interesting = if spec.gravity == Gravity::Attention {
+                    "attention"
+                } else {
+                    "entropy"
+                };
+                img.smartcrop_with_opts(
+                    to_i32(c.width)?,
+                    to_i32(c.height)?,
+                    VOption::new().set("interesting", interesting),
+                )
+            }
+        }
+        .map_err(internal)?;
+    }
+    let out = dims(&img)?;
+    if out != plan.output {
+        return Err(ImageError::Internal(format!(
+            "geometry: got {}x{}, planned {}x{}",
+            out.width, out.height, plan.output.width, plan.output.height
+        )));
+    }
+
+    img = to_srgb8(img, matches!(spec.format, Format::Jpeg | Format::Png))?;
+    if spec.format == Format::Jpeg && img.hasalpha() {
+        img = flatten(&img, spec.background)?;
+    }
+    let mut img = strip_metadata(&img)?;
+
+    let streams = matches!(spec.format, Format::Jpeg | Format::Png);
+    let stream = !in_memory && streams && out.pixels() > STREAM_ABOVE_PIXELS;
+    if !in_memory && !stream {
+        img = img.copy_memory().map_err(undecodable)?;
+    }
+    let bytes = encode(&img, spec).map_err(if stream { undecodable } else { internal })?;
+    Ok(Rendered {
+        bytes: Bytes::from(bytes),
+        format: spec.format,
+        width: out.width,
+        height: out.height,
+    })
+}
+
+/// The longest side each encoder can write: WebP stores sides in 14 bits, JPEG and GIF in 16 (libjpeg
+/// stops at 65500), AV1 frames at 65536. Checked up front so a too-large `full_size` is a 422, not an
+/// encoder failure (500).
+fn encoder_max_side(format: Format) -> u32 {
+    match format {
+        Format::Webp => 16_383,
+        Format::Jpeg => 65_500,
+        Format::Gif => 65_535,
+        Format::Avif => 65_536,
+        Format::Png => u32::MAX,
+    }
+}
+
+fn to_i32(v: u32) -> Result<i32, ImageError> {
+    i32::try_from(v).map_err(|_| ImageError::SourceTooLarge)
+}
+
+/// Resizes `img` to exactly `target` (stored orientation), premultiplying alpha meanwhile so
+/// transparent pixels' colour does not bleed into the visible edge.
+fn resize_exact(img: &VipsImage, target: Size) -> Result<VipsImage, ImageError> {
+    let have = dims(img)?;
+    if have == target {
+        return Ok(img.clone());
+    }
+    let hscale = f64::from(target.width) / f64::from(have.width);
+    let vscale = f64::from(target.height) / f64::from(have.height);
+    let alpha = img.hasalpha();
+    let format = img.get_format().map_err(internal)?;
+    let src = if alpha {
+        img.premultiply().map_err(internal)?
+    } else {
+        img.clone()
+    };
+    let mut out = src
+        .resize_with_opts(hscale, VOption::new().set("vscale", vscale))
+        .map_err(internal)?;
+    if alpha {
+        out = out
+            .unpremultiply()
+            .and_then(|i| i.cast(format))
+            .map_err(internal)?;
+    }
+    let got = dims(&out)?;
+    if got == target {
+        Ok(out)
+    } else if got.width >= target.width && got.height >= target.height {
+        // libvips rounds its output size; should it ever land a pixel long, trim rather than fail.
+        out.extract_area(0, 0, to_i32(target.width)?, to_i32(target.height)?)
+            .map_err(internal)
+    } else {
+        Err(ImageError::Internal(format!(
+            "resize: got {}x{}, wanted {}x{}",
+            got.width, got.height, target.width, target.height
+        )))
+    }
+}
+
+/// Converts to 8-bit sRGB (or 8-bit greyscale when `keep_grey` and the image is grey): an embedded
+/// ICC profile is honoured; CMYK without one uses libvips' built-in CMYK profile.
+fn to_srgb8(img: VipsImage, keep_grey: bool) -> Result<VipsImage, ImageError> {
+    let mut img = img;
+    let mut converted = false;
+    if img.get_typeof("icc-profile-data").unwrap_or(0) != 0 {
+        match img.icc_transform_with_opts(
+            "srgb",
+            VOption::new()
+                .set("embedded", true)
+                .set("intent", "perceptual")
+                .set("depth", 8),
+        ) {
+            Ok(i) => {
+                img = i;
+                converted = true;
+            }
+            // A broken or mismatched profile is not worth a 422: fall back to the plain conversion.
+            Err(_) => Vips::error_clear(),
+        }
+    }
+    if !converted {
+        let interpretation = img.get_interpretation().map_err(internal)?;
+        let grey = matches!(interpretation, Interpretation::BW | Interpretation::Grey16);
+        let space = if grey && keep_grey {
+            Interpretation::BW
+        } else {
+            Interpretation::Srgb
+        };
+        let format = img.get_format().map_err(internal)?;
+        let already = interpretation == space && format == BandFormat::Uchar;
+        if !already {
+            img = img.colourspace(space).map_err(internal)?;
+        }
+    }
+    if img.get_format().map_err(internal)? != BandFormat::Uchar {
+        img = img.cast(BandFormat::Uchar).map_err(internal)?;
+    }
+    Ok(img)
+}
+
+/// Flattens alpha onto `background` (JPEG has no alpha).
+fn flatten(img: &VipsImage, background: [u8; 3]) -> Result<VipsImage, ImageError> {
+    let img = if img.get_bands() < 3 {
+        img.colourspace(Interpretation::Srgb).map_err(internal)?
+    } else {
+        img.clone()
+    };
+    let bg = background.map(f64::from);
+    img.flatten_with_opts(VOption::new().set("background", &bg))
+        .and_then(|i| i.cast(BandFormat::Uchar))
+        .map_err(internal)
+}
+
+/// The names of every metadata field on `img`.
+fn field_names(img: &VipsImage) -> Vec<String> {
+    let mut names = Vec::new();
+    // SAFETY: `img` keeps the VipsImage alive for the duration; vips_image_get_fields returns a
+    // NULL-terminated, newly allocated array of NUL-terminated strings, freed with g_strfreev.
+    unsafe {
+        let list = bindings::vips_image_get_fields(img.as_mut_ptr());
+        if list.is_null() {
+            return names;
+        }
+        let mut i = 0;
+        loop {
+            let p = *list.add(i);
+            if p.is_null() {
+                break;
+            }
+            names.push(CStr::from_ptr(p).to_string_lossy().into_owned());
+            i += 1;
+        }
+        bindings::g_strfreev(list);
+    }
+    names
+}
+
+/// A copy of `img` without EXIF, XMP, IPTC, ICC, orientation or comment fields. The copy shares the
+/// pixels; only the header is new, so this costs nothing but makes every encoder metadata-free even
+/// where its `strip` option is broken (libvips 8.14.1 WebP).
+fn strip_metadata(img: &VipsImage) -> Result<VipsImage, ImageError> {
+    let mut copy = img.copy().map_err(internal)?;
+    for name in field_names(&copy) {
+        if METADATA_PREFIXES.iter().any(|p| name.starts_with(p)) || name.contains("comment") {
+            // A field that vanished in between is fine: the goal is its absence.
+            let _ = copy.remove(&name);
+        }
+    }
+    Ok(copy)
+}
+
+fn encode(img: &VipsImage, spec: &RenderSpec) -> rs_vips::Result<Vec<u8>> {
+    let q = i32::from(spec.quality.clamp(1, 100));
+    match spec.format {
+        Format::Jpeg => img.jpegsave_buffer_with_opts(
+            VOption::new()
+                .set("Q", q)
+                .set("interlace", spec.progressive)
+                .set("optimize_coding", true)
+                .set("strip", true),
+        ),
+        // Lossless; zlib level 6 is the usual size/speed balance.
+        Format::Png => {
+            img.pngsave_buffer_with_opts(VOption::new().set("compression", 6).set("strip", true))
+        }
+        Format::Webp => img
+            .webpsave_buffer_with_opts(VOption::new().set("Q", q).set("strip", true))
+            .map(webp_without_metadata),
+        // 8.14 defaults AVIF to 12 bits per sample: slower and larger for 8-bit input with no gain.
+        Format::Avif => img.heifsave_buffer_with_opts(
+            VOption::new()
+                .set("compression", "av1")
+                .set("Q", q)
+                .set("effort", i32::from(spec.avif_effort.min(9)))
+                .set("bitdepth", 8)
+                .set("strip", true),
+        ),
+        Format::Gif => img.gifsave_buffer_with_opts(VOption::new().set("strip", true)),
+    }
+}
+
+/// RIFF chunks that carry metadata in a WebP file, and their VP8X flag bits.
+const WEBP_METADATA_CHUNKS: [(&[u8; 4], u8); 3] =
+    [(b"ICCP", 0x20), (b"EXIF", 0x08), (b"XMP ", 0x04)];
+
+/// Removes the ICC, EXIF and XMP chunks from a WebP file and clears their VP8X flags.
+///
+/// libvips 8.14.1 `webpsave` ignores `strip`: even with every metadata field removed from the image it
+/// still writes a freshly made EXIF chunk (orientation, resolution, EXIF version), so the container is
+/// cleaned after encoding. Input that does not parse as RIFF/WebP (it always does: we just encoded it)
+/// is returned unchanged rather than risk damaging it.
+fn webp_without_metadata(webp: Vec<u8>) -> Vec<u8> {
+    if webp.len() < 12 || &webp[..4] != b"RIFF" || &webp[8..12] != b"WEBP" {
+        return webp;
+    }
+    let mut out = Vec::with_capacity(webp.len());
+    out.extend_from_slice(&webp[..12]);
+    let mut dropped = 0u8;
+    let mut vp8x_at = None;
+    let mut at = 12;
+    while at < webp.len() {
+        let Some(head) = webp.get(at..at + 8) else {
+            return webp;
+        };
+        let size = u32::from_le_bytes([head[4], head[5], head[6], head[7]]) as usize;
+        let end = at + 8 + size + (size & 1);
+        if end > webp.len() && at + 8 + size != webp.len() {
+            return webp;
+        }
+        let end = end.min(webp.len());
+        let fourcc = &head[..4];
+        if let Some((_, bit)) = WEBP_METADATA_CHUNKS
+            .iter()
+            .find(|(c, _)| c.as_slice() == fourcc)
+        {
+            dropped |= bit;
+        } else {
+            if fourcc == b"VP8X" {
+                vp8x_at = Some(out.len());
+            }
+            out.extend_from_slice(&webp[at..end]);
+        }
+        at = end;
+    }
+    if let Some(v) = vp8x_at {
+        if let Some(flags) = out.get_mut(v + 8) {
+            *flags &= !dropped;
+        }
+    }
+    let Ok(riff_size) = u32::try_from(out.len() - 8) else {
+        return webp;
+    };
+    out[4..8].copy_from_slice(&riff_size.to_le_bytes());
+    out
+}
+
+/// A libvips failure while reading the original: clear the global error buffer, report 422.
+fn undecodable(_e: rs_vips::error::Error) -> ImageError {
+    Vips::error_clear();
+    ImageError::Undecodable
+}
+
+/// A libvips failure in processing or encoding: clear the global error buffer, keep the text for logs.
+fn internal(e: rs_vips::error::Error) -> ImageError {
+    let message = e.to_string();
+    Vips::error_clear();
+    ImageError::Internal(message)
+}
+
+/// Test and bench fixtures generated with libvips, so no binary files live in the repository. They
+/// panic if libvips fails (they are only used by tests and benches).
+#[doc(hidden)]
+pub mod fixtures {
+    use rs_vips::enums::{Angle, Direction};
+    use rs_vips::voption::{Setter, VOption};
+    use rs_vips::VipsImage;
+
+    fn ok<T>(r: rs_vips::Result<T>) -> T {
+        match r {
+            Ok(v) => v,
+            Err(e) => panic!("fixture: libvips failed: {e}"),
+        }
+    }
+
+    fn init() {
+        if let Err(e) = super::init(false) {
+            panic!("fixture: libvips init failed: {e}");
+        }
+    }
+
+    fn side(v: u32) -> i32 {
+        i32::try_from(v.max(1)).unwrap_or(i32::MAX)
+    }
+
+    /// A smooth colour gradient (red across, green down, blue fixed) as 3-band float sRGB.
+    fn gradient(w: u32, h: u32) -> VipsImage {
+        let (w, h) = (side(w), side(h));
+        let xy = ok(VipsImage::xyz(w, h));
+        let rg = ok(xy.linear(&[255.0 / f64::from(w), 255.0 / f64::from(h)], &[0.0, 0.0]));
+        ok(rg.bandjoin_const(&[128.0]))
+    }
+
+    fn srgb_uchar(img: &VipsImage) -> VipsImage {
+        let img = ok(img.cast(rs_vips::enums::BandFormat::Uchar));
+        ok(img.copy_with_opts(VOption::new().set("interpretation", "srgb")))
+    }
+
+    /// `gradient` plus film-grain-like gaussian noise (per pixel, shared by the three bands, plus a
+    /// weaker per-band chroma noise): it defeats JPEG's entropy coding the way a real photo does, so a
+    /// 3000×2000 q90 file is about 2 MB.
+    fn photo(w: u32, h: u32) -> VipsImage {
+        let base = gradient(w, h);
+        let (wi, hi) = (side(w), side(h));
+        let grain = ok(VipsImage::gaussnoise_with_opts(
+            wi,
+            hi,
+            VOption::new()
+                .set("mean", 0.0)
+                .set("sigma", 7.0)
+                .set("seed", 7),
+        ));
+        let chroma: Vec<VipsImage> = (0..3)
+            .map(|i| {
+                ok(VipsImage::gaussnoise_with_opts(
+                    wi,
+                    hi,
+                    VOption::new()
+                        .set("mean", 0.0)
+                        .set("sigma", 3.0)
+                        .set("seed", 11 + i),
+                ))
+            })
+            .collect();
+        let chroma = ok(VipsImage::bandjoin(&chroma));
+        let img = ok(base.add(&grain));
+        srgb_uchar(&ok(img.add(&chroma)))
+    }
+
+    fn jpegsave(img: &VipsImage, q: u8) -> Vec<u8> {
+        ok(img.jpegsave_buffer_with_opts(
+            VOption::new()
+                .set("Q", i32::from(q.clamp(1, 100)))
+                .set("strip", true),
+        ))
+    }
+
+    /// A photographic-like w×h sRGB JPEG at quality `q` (grain included: ~2 MB at 3000×2000 q90).
+    pub fn jpeg(w: u32, h: u32, q: u8) -> Vec<u8> {
+        init();
+        jpegsave(&photo(w, h), q)
+    }
+
+    /// A w×h greyscale (one band) JPEG.
+    pub fn jpeg_grey(w: u32, h: u32) -> Vec<u8> {
+        init();
+        let img = ok(photo(w, h).colourspace(rs_vips::enums::Interpretation::BW));
+        jpegsave(&img, 90)
+    }
+
+    /// A JPEG that displays as a w×h picture but whose pixels are stored so that EXIF `orientation`
+    /// (1..=8; 5–8 store it h×w, sideways) is needed to show it upright, with camera EXIF (Make
+    /// `TestCam`, Model `Model X1`), GPS position, an XMP packet and a Display P3 ICC profile (the
+    /// pixels are in P3, so a renderer that ignores the profile gets visibly wrong colours).
+    ///
+    /// Markers, in the upright picture: a pure red block in the top-left corner and a pure blue block in
+    /// the top-right corner, each w/4 × h/4; the rest is the grainless gradient. Two corners pin down
+    /// all eight orientations (red alone cannot tell orientation 1 from a transpose).
+    pub fn jpeg_with_exif(w: u32, h: u32, orientation: u8) -> Vec<u8> {
+        init();
+        let (bw, bh) = (side(w / 4), side(h / 4));
+        let base = srgb_uchar(&gradient(w, h));
+        let block = ok(VipsImage::black(bw, bh));
+        let red = srgb_uchar(&ok(VipsImage::new_from_image(&block, &[255.0, 0.0, 0.0])));
+        let blue = srgb_uchar(&ok(VipsImage::new_from_image(&block, &[0.0, 0.0, 255.0])));
+        let upright = ok(base.insert(&red, 0, 0));
+        let upright = ok(upright.insert(&blue, side(w) - bw, 0));
+        // Into Display P3, attaching the P3 profile.
+        let p3 =
+            ok(upright.icc_transform_with_opts("p3", VOption::new().set("input_profile", "srgb")));
+        let icc = ok(p3.get_blob("icc-profile-data"));
+        // The inverse of what a viewer does for each orientation (EXIF 2.3, tag 0x0112).
+        let stored = match orientation {
+            2 => ok(p3.flip(Direction::Horizontal)),
+            3 => ok(p3.rot(Angle::D180)),
+            4 => ok(p3.flip(Direction::Vertical)),
+            5 => ok(ok(p3.rot(Angle::D90)).flip(Direction::Horizontal)),
+            6 => ok(p3.rot(Angle::D270)),
+            7 => ok(ok(p3.rot(Angle::D270)).flip(Direction::Horizontal)),
+            8 => ok(p3.rot(Angle::D90)),
+            _ => p3,
+        };
+        let plain = jpegsave(&stored, 92);
+        let exif = exif_block(orientation.clamp(1, 8));
+        let xmp = xmp_packet();
+        let mut segments = Vec::new();
+        segments.extend(app_segment(0xE1, &[b"Exif\0\0".as_slice(), &exif].concat()));
+        segments.extend(app_segment(
+            0xE1,
+            &[b"http://ns.adobe.com/xap/1.0/\0".as_slice(), xmp.as_bytes()].concat(),
+        ));
+        segments.extend(app_segment(
+            0xE2,
+            &[b"ICC_PROFILE\0\x01\x01".as_slice(), &icc].concat(),
+        ));
+        // Right after SOI, where cameras put them.
+        let mut out = Vec::with_capacity(plain.len() + segments.len());
+        out.extend_from_slice(&plain[..2]);
+        out.extend_from_slice(&segments);
+        out.extend_from_slice(&plain[2..]);
+        out
+    }
+
+    fn app_segment(marker: u8, payload: &[u8]) -> Vec<u8> {
+        let len = u16::try_from(payload.len() + 2).expect("APP segment under 64 KB");
+        let mut s = vec![0xFF, marker];
+        s.extend_from_slice(&len.to_be_bytes());
+        s.extend_from_slice(payload);
+        s
+    }
+
+    /// A big-endian TIFF/EXIF block: IFD0 with Make, Model, Orientation and a GPS IFD pointer; a GPS
+    /// IFD with version, latitude and longitude.
+    fn exif_block(orientation: u8) -> Vec<u8> {
+        const ASCII: u16 = 2;
+        const SHORT: u16 = 3;
+        const LONG: u16 = 4;
+        const RATIONAL: u16 = 5;
+        const BYTE: u16 = 1;
+        fn rationals(v: &[(u32, u32)]) -> Vec<u8> {
+            v.iter()
+                .flat_map(|(n, d)| [n.to_be_bytes(), d.to_be_bytes()].concat())
+                .collect()
+        }
+        // IFD0 sits at offset 8; its size is 2 + 4 × 12 + 4 = 54, so the GPS IFD follows at 62 + data.
+        let ifd0_entries: Vec<(u16, u16, u32, Vec<u8>)> = vec![
+            (0x010F, ASCII, 8, b"TestCam\0".to_vec()),
+            (0x0110, ASCII, 9, b"Model X1\0".to_vec()),
+            (
+                0x0112,
+                SHORT,
+                1,
+                u16::from(orientation).to_be_bytes().to_vec(),
+            ),
+            (0x8825, LONG, 1, vec![0; 4]), // patched below
+        ];
+        let gps_entries: Vec<(u16, u16, u32, Vec<u8>)> = vec![
+            (0x0000, BYTE, 4, vec![2, 3, 0, 0]),
+            (0x0001, ASCII, 2, b"N\0".to_vec()),
+            (
+                0x0002,
+                RATIONAL,
+                3,
+                rationals(&[(48, 1), (51, 1), (2988, 100)]),
+            ),
+            (0x0003, ASCII, 2, b"E\0".to_vec()),
+            (
+                0x0004,
+                RATIONAL,
+                3,
+                rationals(&[(2, 1), (17, 1), (4008, 100)]),
+            ),
+        ];
+        fn ifd(entries: &[(u16, u16, u32, Vec<u8>)], at: u32) -> Vec<u8> {
+            let count = u32::try_from(entries.len()).expect("few entries");
+            let mut data_at = at + 2 + count * 12 + 4;
+            let mut head = Vec::new();
+            let mut data = Vec::new();
+            head.extend_from_slice(&u16::try_from(count).expect("few").to_be_bytes());
+            for (tag, ty, n, payload) in entries {
+                head.extend_from_slice(&tag.to_be_bytes());
+                head.extend_from_slice(&ty.to_be_bytes());
+                head.extend_from_slice(&n.to_be_bytes());
+                if payload.len() <= 4 {
+                    let mut inline = payload.clone();
+                    inline.resize(4, 0);
+                    head.extend_from_slice(&inline);
+                } else {
+                    head.extend_from_slice(&data_at.to_be_bytes());
+                    data.extend_from_slice(payload);
+                    if payload.len() % 2 == 1 {
+                        data.push(0);
+                    }
+                    data_at += u32::try_from(payload.len().div_ceil(2) * 2).expect("small");
+                }
+            }
+            head.extend_from_slice(&0u32.to_be_bytes());
+            head.extend_from_slice(&data);
+            head
+        }
+        let first = ifd(&ifd0_entries, 8);
+        let gps_at = 8 + u32::try_from(first.len()).expect("small");
+        let mut ifd0_entries = ifd0_entries;
+        ifd0_entries[3].3 = gps_at.to_be_bytes().to_vec();
+        let mut out = b"MM\0\x2A\0\0\0\x08".to_vec();
+        out.extend_from_slice(&ifd(&ifd0_entries, 8));
+        out.extend_from_slice(&ifd(&gps_entries, gps_at));
+        out
+    }
+
+    fn xmp_packet() -> String {
+        concat!(
+            "<?xpacket begin=\"\u{feff}\" id=\"W5M0MpCehiHzreSzNTczkc9d\"?>",
+            "<x:xmpmeta xmlns:x=\"adobe:ns:meta/\">",
+            "<rdf:RDF xmlns:rdf=\"http://www.w3.org/1999/02/22-rdf-syntax-ns#\">",
+            "<rdf:Description rdf:about=\"\" xmlns:xmp=\"http://ns.adobe.com/xap/1.0/\"",
+            " xmp:CreatorTool=\"image-server fixture\"/>",
+            "</rdf:RDF></x:xmpmeta><?xpacket end=\"w\"?>"
+        )
+        .to_string()
+    }
+
+    /// A w×h RGBA PNG: the left quarter fully transparent (so the top-left corner is transparent), the
+    /// next quarter half transparent (alpha 128), the right half opaque.
+    pub fn png_alpha(w: u32, h: u32) -> Vec<u8> {
+        init();
+        let (wi, hi) = (side(w), side(h));
+        let rgb = srgb_uchar(&gradient(w, h));
+        let zero = ok(VipsImage::black(wi, hi));
+        let alpha = ok(VipsImage::new_from_image(&zero, &[255.0]));
+        let half = ok(VipsImage::new_from_image(
+            &ok(VipsImage::black(side(w / 2), hi)),
+            &[128.0],
+        ));
+        let alpha = ok(alpha.insert(&half, 0, 0));
+        let alpha = ok(alpha.insert(&ok(VipsImage::black(side(w / 4), hi)), 0, 0));
+        let alpha = ok(alpha.cast(rs_vips::enums::BandFormat::Uchar));
+        let rgba = srgb_uchar(&ok(VipsImage::bandjoin(&[rgb, alpha])));
+        ok(rgba.pngsave_buffer_with_opts(VOption::new().set("strip", true)))
+    }
+
+    /// A w×h lossy WebP (grainy gradient, Q 90).
+    pub fn webp(w: u32, h: u32) -> Vec<u8> {
+        init();
+        ok(photo(w, h).webpsave_buffer_with_opts(VOption::new().set("Q", 90).set("strip", true)))
+    }
+
+    /// A w×h GIF (the gradient, quantised by libvips).
+    pub fn gif(w: u32, h: u32) -> Vec<u8> {
+        init();
+        ok(srgb_uchar(&gradient(w, h)).gifsave_buffer())
+    }
+
+    /// An animated GIF of `frames` w×h frames (frame i is a flat grey of level 40 × i + 20).
+    pub fn gif_animated(w: u32, h: u32, frames: u32) -> Vec<u8> {
+        init();
+        let (wi, hi) = (side(w), side(h));
+        let pages: Vec<VipsImage> = (0..frames.max(1))
+            .map(|i| {
+                let level = f64::from((40 * i + 20).min(255));
+                srgb_uchar(&ok(VipsImage::new_from_image(
+                    &ok(VipsImage::black(wi, hi)),
+                    &[level, level, level],
+                )))
+            })
+            .collect();
+        let mut strip = ok(VipsImage::arrayjoin_with_opts(
+            &pages,
+            VOption::new().set("across", 1),
+        ));
+        // A fresh image (not shared with `pages`) so the header edits below touch nothing else.
+        strip = ok(strip.copy());
+        let _ = strip.set_int("page-height", hi);
+        let _ = strip.set_array_int("delay", &vec![100; pages.len()]);
+        ok(strip.gifsave_buffer())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Real libvips, small generated fixtures. AVIF outputs are checked by parsing their `ispe`
+    //! (size) box instead of decoding, so these tests do not depend on the HEIF loader being unblocked.
+
+    use super::*;
+    use crate::request::Version;
+    use std::time::{Duration, Instant};
+
+    fn setup() {
+        init(false).expect("libvips init");
+    }
+
+    fn spec(version: Version, format: Format) -> RenderSpec {
+        RenderSpec {
+            version,
+            format,
+            quality: 80,
+            gravity: Gravity::Centre,
+            enlarge: true,
+            background: [255, 255, 255],
+            progressive: true,
+            avif_effort: 0,
+        }
+    }
+
+    fn limits() -> DecodeLimits {
+        DecodeLimits::default()
+    }
+
+    fn thread_decodes() -> u64 {
+        THREAD_DECODES.with(|c| c.get())
+    }
+
+    /// Output size, read independently of the encoder: `probe` for what we load, the `ispe` box for
+    /// AVIF.
+    fn output_size(bytes: &[u8], format: Format) -> (u32, u32) {
+        if format == Format::Avif {
+            assert!(is_heif(bytes), "not an AVIF container");
+            let at = find(bytes, b"ispe").expect("ispe box");
+            let w = u32::from_be_bytes(bytes[at + 8..at + 12].try_into().expect("4"));
+            let h = u32::from_be_bytes(bytes[at + 12..at + 16].try_into().expect("4"));
+            return (w, h);
+        }
+        let header = probe(bytes, &limits()).expect("probe output");
+        assert_eq!(header.format, format);
+        (header.width, header.height)
+    }
+
+    fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+        hay.windows(needle.len()).position(|w| w == needle)
+    }
+
+    /// Decodes an output we can load (not AVIF) fully into memory, upright as stored.
+    fn decode(bytes: &[u8]) -> VipsImage {
+        let kind = sniff(bytes).expect("known format");
+        load(kind, bytes, Reduce::None)
+            .expect("load")
+            .copy_memory()
+            .expect("decode")
+    }
+
+    fn pixel(img: &VipsImage, x: u32, y: u32) -> Vec<f64> {
+        img.getpoint(x as i32, y as i32).expect("getpoint")
+    }
+
+    #[test]
+    fn version_and_self_test() {
+        setup();
+        assert_eq!(version(), "8.14.1");
+        self_test().expect("self test");
+    }
+
+    #[test]
+    fn sniff_magic_numbers() {
+        assert_eq!(sniff(b"\xFF\xD8\xFF\xE0rest"), Some(Kind::Jpeg));
+        assert_eq!(sniff(b"\x89PNG\r\n\x1a\nrest"), Some(Kind::Png));
+        assert_eq!(sniff(b"GIF89a......"), Some(Kind::Gif));
+        assert_eq!(sniff(b"RIFF\0\0\0\0WEBPVP8 "), Some(Kind::Webp));
+        assert_eq!(
+            sniff(b"\0\0\0\x1cftypavif\0\0\0\0avifmif1miaf"),
+            Some(Kind::Heif)
+        );
+        assert_eq!(
+            sniff(b"\0\0\0\x18ftypmp42\0\0\0\0isommp42"),
+            None,
+            "an MP4 is not an image"
+        );
+        assert_eq!(sniff(b"RIFF\0\0\0\0WAVEfmt "), None);
+        assert_eq!(sniff(b""), None);
+        assert_eq!(sniff(b"\xFF\xD8"), None);
+    }
+
+    #[test]
+    fn every_version_in_every_format() {
+        setup();
+        let original = fixtures::jpeg(600, 400, 90);
+        let cases = [
+            (
+                Version::Cover {
+                    width: 200,
+                    height: 100,
+                },
+                (200, 100),
+            ),
+            (
+                Version::Cover {
+                    width: 100,
+                    height: 150,
+                },
+                (100, 150),
+            ),
+            (Version::Width(150), (150, 100)),
+            (Version::Height(50), (75, 50)),
+            (Version::FullSize, (600, 400)),
+            // Enlarging (the default) goes past the original.
+            (Version::Width(900), (900, 600)),
+        ];
+        for format in Format::ALL {
+            for (version, want) in cases {
+                let out = render(&original, &spec(version, format), &limits())
+                    .unwrap_or_else(|e| panic!("{version} {format:?}: {e}"));
+                assert_eq!(out.format, format);
+                assert_eq!((out.width, out.height), want, "{version} {format:?}");
+                assert_eq!(
+                    output_size(&out.bytes, format),
+                    want,
+                    "{version} {format:?} decoded"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn every_input_format_renders() {
+        setup();
+        let inputs = [
+            (fixtures::jpeg(300, 200, 85), Format::Jpeg),
+            (fixtures::png_alpha(300, 200), Format::Png),
+            (fixtures::webp(300, 200), Format::Webp),
+            (fixtures::gif(300, 200), Format::Gif),
+            (fixtures::jpeg_grey(300, 200), Format::Jpeg),
+        ];
+        for (bytes, format) in &inputs {
+            let header = probe(bytes, &limits()).expect("probe");
+            assert_eq!(header.format, *format);
+            assert_eq!((header.width, header.height, header.pages), (300, 200, 1));
+            for out_format in Format::ALL {
+                let out = render(
+                    bytes,
+                    &spec(
+                        Version::Cover {
+                            width: 64,
+                            height: 64,
+                        },
+                        out_format,
+                    ),
+                    &limits(),
+                )
+                .unwrap_or_else(|e| panic!("{format:?} -> {out_format:?}: {e}"));
+                assert_eq!(output_size(&out.bytes, out_format), (64, 64));
+            }
+        }
+    }
+
+    #[test]
+    fn webp_scale_on_load_gives_exact_sizes() {
+        setup();
+        let original = fixtures::webp(640, 480);
+        for (version, want) in [
+            (Version::Width(100), (100, 75)),
+            (Version::Height(77), (103, 77)),
+            (
+                Version::Cover {
+                    width: 99,
+                    height: 101,
+                },
+                (99, 101),
+            ),
+        ] {
+            let out = render(&original, &spec(version, Format::Png), &limits()).expect("render");
+            assert_eq!(output_size(&out.bytes, Format::Png), want, "{version}");
+        }
+    }
+
+    #[test]
+    fn jpeg_shrink_and_resize_give_exact_sizes_for_awkward_ratios() {
+        setup();
+        let original = fixtures::jpeg(1001, 667, 80);
+        for w in [
+            1, 2, 3, 7, 99, 100, 125, 126, 127, 250, 251, 333, 500, 501, 1000, 1001, 1500,
+        ] {
+            let out = render(&original, &spec(Version::Width(w), Format::Jpeg), &limits())
+                .unwrap_or_else(|e| panic!("w{w}: {e}"));
+            let h = geometry::plan(&Version::Width(w), Size::new(1001, 667), 1, true).output;
+            assert_eq!(output_size(&out.bytes, Format::Jpeg), (w, h.height), "w{w}");
+            let cover = Version::Cover {
+                width: w,
+                height: w / 2 + 1,
+            };
+            let out = render(&original, &spec(cover, Format::Jpeg), &limits())
+                .unwrap_or_else(|e| panic!("{cover}: {e}"));
+            assert_eq!(
+                output_size(&out.bytes, Format::Jpeg),
+                (w, w / 2 + 1),
+                "{cover}"
+            );
+        }
+    }
+
+    #[test]
+    fn enlarge_false_never_exceeds_the_original() {
+        setup();
+        let original = fixtures::jpeg(320, 240, 80);
+        let mut s = spec(Version::Width(1000), Format::Jpeg);
+        s.enlarge = false;
+        let out = render(&original, &s, &limits()).expect("render");
+        assert_eq!(output_size(&out.bytes, Format::Jpeg), (320, 240));
+        s.version = Version::Cover {
+            width: 500,
+            height: 500,
+        };
+        let out = render(&original, &s, &limits()).expect("render");
+        assert_eq!(output_size(&out.bytes, Format::Jpeg), (240, 240));
+    }
+
+    /// The marker colours of `jpeg_with_exif`, sampled at the centres of the top corner blocks.
+    fn assert_upright(img: &VipsImage, label: &str) {
+        let (w, h) = (img.get_width() as u32, img.get_height() as u32);
+        let tl = pixel(img, w / 8, h / 8);
+        let tr = pixel(img, w - 1 - w / 8, h / 8);
+        let red = tl[0] > 200.0 && tl[1] < 60.0 && tl[2] < 60.0;
+        let blue = tr[2] > 200.0 && tr[0] < 60.0 && tr[1] < 60.0;
+        assert!(red && blue, "{label}: top-left {tl:?}, top-right {tr:?}");
+    }
+
+    #[test]
+    fn exif_orientation_is_applied_for_all_eight() {
+        setup();
+        for orientation in 1..=8u8 {
+            let original = fixtures::jpeg_with_exif(400, 240, orientation);
+            let header = probe(&original, &limits()).expect("probe");
+            if orientation >= 5 {
+                assert_eq!((header.width, header.height), (240, 400), "stored sideways");
+            }
+            for version in [
+                Version::Width(200),
+                Version::Cover {
+                    width: 100,
+                    height: 100,
+                },
+                Version::FullSize,
+            ] {
+                let out =
+                    render(&original, &spec(version, Format::Png), &limits()).expect("render");
+                let want = geometry::plan(&version, Size::new(400, 240), 1, true).output;
+                let img = decode(&out.bytes);
+                assert_eq!(
+                    (img.get_width() as u32, img.get_height() as u32),
+                    (want.width, want.height),
+                    "orientation {orientation} {version}"
+                );
+                if !matches!(version, Version::Cover { .. }) {
+                    assert_upright(&img, &format!("orientation {orientation} {version}"));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn embedded_icc_profile_is_converted_to_srgb() {
+        setup();
+        // The red marker is stored in Display P3 as about (234, 51, 35); converted back it is pure red.
+        let original = fixtures::jpeg_with_exif(400, 240, 1);
+        let stored = decode(&original);
+        let raw = pixel(&stored, 50, 30);
+        assert!(raw[1] > 35.0, "fixture red really is stored as P3: {raw:?}");
+        let out =
+            render(&original, &spec(Version::FullSize, Format::Png), &limits()).expect("render");
+        let p = pixel(&decode(&out.bytes), 50, 30);
+        assert!(p[0] > 245.0 && p[1] < 20.0 && p[2] < 20.0, "{p:?}");
+    }
+
+    fn exiftool_groups(bytes: &[u8], ext: &str) -> Option<Vec<String>> {
+        let dir = tempfile::tempdir().ok()?;
+        let path = dir.path().join(format!("out.{ext}"));
+        std::fs::write(&path, bytes).ok()?;
+        let out = std::process::Command::new("exiftool")
+            .args(["-j", "-G", "-a"])
+            .arg(&path)
+            .output()
+            .ok()?;
+        if !out.status.success() {
+            return None;
+        }
+        let json: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        let obj = json.get(0)?.as_object()?;
+        Some(obj.keys().cloned().collect())
+    }
+
+    #[test]
+    fn metadata_is_stripped_in_every_format() {
+        setup();
+        let original = fixtures::jpeg_with_exif(400, 240, 6);
+        // The fixture really carries what we strip.
+        for marker in [
+            b"Exif\0\0".as_slice(),
+            b"TestCam",
+            b"http://ns.adobe.com/xap",
+            b"ICC_PROFILE",
+        ] {
+            assert!(find(&original, marker).is_some());
+        }
+        let tags = exiftool_groups(&original, "jpg");
+        if let Some(tags) = &tags {
+            assert!(tags.iter().any(|t| t.contains("GPSLatitude")), "{tags:?}");
+            assert!(tags.iter().any(|t| t == "EXIF:Make"), "{tags:?}");
+        }
+        for format in Format::ALL {
+            let out =
+                render(&original, &spec(Version::Width(120), format), &limits()).expect("render");
+            for marker in [
+                b"Exif\0\0".as_slice(),
+                b"Exif",
+                b"TestCam",
+                b"Model X1",
+                b"http://ns.adobe.com/xap",
+                b"xpacket",
+                b"ICC_PROFILE",
+                b"acsp",
+            ] {
+                assert!(
+                    find(&out.bytes, marker).is_none(),
+                    "{format:?} output contains {:?}",
+                    String::from_utf8_lossy(marker)
+                );
+            }
+            if let Some(tags) = exiftool_groups(&out.bytes, format.ext()) {
+                let leaked: Vec<_> = tags
+                    .iter()
+                    .filter(|t| {
+                        t.starts_with("EXIF:")
+                            || t.starts_with("XMP")
+                            || t.starts_with("ICC")
+                            || t.starts_with("IPTC")
+                            || t.contains("GPS")
+                            || t.contains("Orientation")
+                            || t.contains("Make")
+                    })
+                    .collect();
+                assert!(leaked.is_empty(), "{format:?} leaks {leaked:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn alpha_kept_except_for_jpeg() {
+        setup();
+        let original = fixtures::png_alpha(200, 100);
+        for format in [Format::Png, Format::Webp, Format::Gif] {
+            let out =
+                render(&original, &spec(Version::Width(100), format), &limits()).expect("render");
+            let img = decode(&out.bytes);
+            assert_eq!(img.get_bands(), 4, "{format:?}");
+            assert!(pixel(&img, 0, 0)[3] < 1.0, "{format:?}: corner transparent");
+            assert!(pixel(&img, 99, 49)[3] > 254.0, "{format:?}: right opaque");
+        }
+        let out = render(
+            &original,
+            &spec(Version::Width(100), Format::Avif),
+            &limits(),
+        )
+        .expect("render");
+        assert!(
+            find(&out.bytes, b"urn:mpeg:mpegB:cicp:systems:auxiliary:alpha").is_some(),
+            "AVIF carries an alpha plane"
+        );
+        let mut s = spec(Version::Width(100), Format::Jpeg);
+        s.background = [10, 200, 30];
+        let out = render(&original, &s, &limits()).expect("render");
+        let img = decode(&out.bytes);
+        assert_eq!(img.get_bands(), 3);
+        let p = pixel(&img, 1, 1);
+        assert!(
+            (p[0] - 10.0).abs() < 8.0 && (p[1] - 200.0).abs() < 8.0 && (p[2] - 30.0).abs() < 8.0,
+            "corner is the background: {p:?}"
+        );
+    }
+
+    #[test]
+    fn greyscale_stays_grey_for_jpeg_and_png() {
+        setup();
+        let original = fixtures::jpeg_grey(200, 100);
+        for (format, bands) in [(Format::Jpeg, 1), (Format::Png, 1), (Format::Webp, 3)] {
+            let out =
+                render(&original, &spec(Version::Width(50), format), &limits()).expect("render");
+            assert_eq!(decode(&out.bytes).get_bands(), bands, "{format:?}");
+        }
+    }
+
+    #[test]
+    fn encoder_options_take_effect() {
+        setup();
+        let original = fixtures::jpeg(800, 600, 92);
+        let mut s = spec(Version::Width(400), Format::Jpeg);
+        s.quality = 10;
+        let q10 = render(&original, &s, &limits()).expect("q10");
+        s.quality = 90;
+        let q90 = render(&original, &s, &limits()).expect("q90");
+        assert!(
+            q10.bytes.len() * 3 < q90.bytes.len(),
+            "q10 {} vs q90 {}",
+            q10.bytes.len(),
+            q90.bytes.len()
+        );
+        // SOF2 (progressive) present, SOF0 (baseline) absent, and the reverse.
+        assert!(find(&q90.bytes, &[0xFF, 0xC2]).is_some());
+        assert!(find(&q90.bytes, &[0xFF, 0xC0]).is_none());
+        s.progressive = false;
+        let baseline = render(&original, &s, &limits()).expect("baseline");
+        assert!(find(&baseline.bytes, &[0xFF, 0xC0]).is_some());
+        assert!(find(&baseline.bytes, &[0xFF, 0xC2]).is_none());
+
+        // WebP and AVIF quality.
+        for format in [Format::Webp, Format::Avif] {
+            let mut s = spec(Version::Width(400), format);
+            s.quality = 10;
+            let low = render(&original, &s, &limits()).expect("low");
+            s.quality = 95;
+            let high = render(&original, &s, &limits()).expect("high");
+            assert!(
+                low.bytes.len() * 2 < high.bytes.len(),
+                "{format:?}: q10 {} vs q95 {}",
+                low.bytes.len(),
+                high.bytes.len()
+            );
+        }
+    }
+
+    #[test]
+    fn avif_is_av1_8_bit_and_effort_matters() {
+        setup();
+        let original = fixtures::jpeg(600, 400, 90);
+        let mut s = spec(Version::Width(300), Format::Avif);
+        let fast = render(&original, &s, &limits()).expect("effort 0");
+        // `av01` item type: compression av1 (not HEVC); `pixi` box: 3 channels × 8 bits.
+        assert!(find(&fast.bytes, b"av01").is_some());
+        assert!(find(&fast.bytes, b"hvc1").is_none());
+        let pixi = find(&fast.bytes, b"pixi").expect("pixi box");
+        assert_eq!(&fast.bytes[pixi + 8..pixi + 12], &[3, 8, 8, 8]);
+        s.avif_effort = 9;
+        let t = Instant::now();
+        let slow = render(&original, &s, &limits()).expect("effort 9");
+        let slow_time = t.elapsed();
+        s.avif_effort = 0;
+        let t = Instant::now();
+        render(&original, &s, &limits()).expect("effort 0");
+        let fast_time = t.elapsed();
+        assert!(
+            slow_time > fast_time || slow.bytes != fast.bytes,
+            "effort option had no visible effect"
+        );
+    }
+
+    #[test]
+    fn loader_options_take_effect() {
+        setup();
+        let jpeg = fixtures::jpeg(1001, 667, 80);
+        let img = load(Kind::Jpeg, &jpeg, Reduce::JpegShrink(8)).expect("load");
+        // libvips 8.14 rounds shrunk sides down (libjpeg itself would round up).
+        assert_eq!((img.get_width(), img.get_height()), (125, 83));
+        assert!(
+            img.get_typeof("vips-sequential").unwrap_or(0) != 0,
+            "sequential access was requested"
+        );
+        let webp = fixtures::webp(640, 480);
+        let img = load(Kind::Webp, &webp, Reduce::WebpScale(0.25)).expect("load");
+        assert_eq!((img.get_width(), img.get_height()), (160, 120));
+    }
+
+    #[test]
+    fn jpeg_huffman_tables_are_optimised() {
+        setup();
+        let original = fixtures::jpeg(800, 600, 92);
+        let mut s = spec(Version::Width(400), Format::Jpeg);
+        s.progressive = false;
+        let out = render(&original, &s, &limits()).expect("render");
+        // libjpeg's standard tables are written as DHT segments of length 31 (DC) and 181 (AC);
+        // optimize_coding writes tables fitted to the image, which are shorter.
+        let mut lengths = Vec::new();
+        let b = &out.bytes;
+        let mut at = 2;
+        while at + 4 <= b.len() && b[at] == 0xFF && b[at + 1] != 0xDA {
+            let len = usize::from(u16::from_be_bytes([b[at + 2], b[at + 3]]));
+            if b[at + 1] == 0xC4 {
+                lengths.push(len);
+            }
+            at += 2 + len;
+        }
+        assert!(!lengths.is_empty(), "found the DHT segments");
+        assert!(
+            !lengths.contains(&181),
+            "standard AC table used: {lengths:?}"
+        );
+    }
+
+    /// A 600×200 grey PNG, flat except for a noisy block on the far left.
+    fn detail_on_the_left() -> Vec<u8> {
+        let flat = VipsImage::black(600, 200)
+            .and_then(|i| i.linear(&[1.0], &[128.0]))
+            .expect("flat");
+        let noise = VipsImage::gaussnoise_with_opts(
+            150,
+            200,
+            VOption::new().set("sigma", 60.0).set("seed", 3),
+        )
+        .expect("noise");
+        flat.insert(&noise, 0, 0)
+            .and_then(|i| i.cast(BandFormat::Uchar))
+            .and_then(|i| i.copy_with_opts(VOption::new().set("interpretation", "b-w")))
+            .and_then(|i| i.pngsave_buffer())
+            .expect("png")
+    }
+
+    #[test]
+    fn smart_crop_finds_the_detail_centre_does_not() {
+        setup();
+        let original = detail_on_the_left();
+        let deviation = |gravity: Gravity| {
+            let mut s = spec(
+                Version::Cover {
+                    width: 150,
+                    height: 200,
+                },
+                Format::Png,
+            );
+            s.gravity = gravity;
+            let out = render(&original, &s, &limits()).expect("render");
+            decode(&out.bytes).deviate().expect("deviate")
+        };
+        assert!(deviation(Gravity::Centre) < 1.0);
+        assert!(deviation(Gravity::Entropy) > 20.0);
+        assert!(deviation(Gravity::Attention) > 20.0);
+    }
+
+    #[test]
+    fn avif_input_when_accepted() {
+        setup();
+        let avif = render(
+            &fixtures::jpeg_with_exif(400, 240, 6),
+            &spec(Version::FullSize, Format::Avif),
+            &limits(),
+        )
+        .expect("encode avif")
+        .bytes;
+        init(true).expect("unblock HEIF");
+        let accept = DecodeLimits {
+            accept_avif_input: true,
+            ..limits()
+        };
+        let header = probe(&avif, &accept).expect("probe");
+        assert_eq!(
+            (header.format, header.width, header.height),
+            (Format::Avif, 400, 240)
+        );
+        let out = render(&avif, &spec(Version::Width(200), Format::Png), &accept).expect("render");
+        let img = decode(&out.bytes);
+        assert_eq!((img.get_width(), img.get_height()), (200, 120));
+        assert_upright(&img, "avif round trip");
+    }
+
+    #[test]
+    fn webp_output_wider_than_16383_is_refused_up_front() {
+        setup();
+        let original = fixtures::jpeg(300, 10, 80);
+        assert_eq!(
+            render(
+                &original,
+                &spec(Version::Width(16_384), Format::Webp),
+                &limits()
+            )
+            .map(|_| ()),
+            Err(ImageError::SourceTooLarge)
+        );
+    }
+
+    #[test]
+    fn webp_container_cleaner_drops_metadata_chunks_only() {
+        let chunk = |fourcc: &[u8; 4], payload: &[u8]| {
+            let mut c = fourcc.to_vec();
+            c.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+            c.extend_from_slice(payload);
+            if payload.len() % 2 == 1 {
+                c.push(0);
+            }
+            c
+        };
+        let body = [
+            chunk(b"VP8X", &[0x2C, 0, 0, 0, 9, 0, 0, 9, 0, 0]),
+            chunk(b"ICCP", b"icc"),
+            chunk(b"VP8 ", b"pixels"),
+            chunk(b"EXIF", b"Exif\0\0MM"),
+            chunk(b"XMP ", b"<x/>"),
+        ]
+        .concat();
+        let mut webp = b"RIFF".to_vec();
+        webp.extend_from_slice(&((body.len() + 4) as u32).to_le_bytes());
+        webp.extend_from_slice(b"WEBP");
+        webp.extend_from_slice(&body);
+        let clean = webp_without_metadata(webp);
+        let want = [
+            chunk(b"VP8X", &[0x00, 0, 0, 0, 9, 0, 0, 9, 0, 0]),
+            chunk(b"VP8 ", b"pixels"),
+        ]
+        .concat();
+        assert_eq!(&clean[12..], want.as_slice());
+        assert_eq!(
+            u32::from_le_bytes(clean[4..8].try_into().expect("4")) as usize,
+            clean.len() - 8
+        );
+        // Not RIFF: untouched.
+        assert_eq!(webp_without_metadata(b"nope".to_vec()), b"nope");
+    }
+
+    #[test]
+    fn smart_crop_gravities_give_the_exact_size() {
+        setup();
+        let original = fixtures::jpeg_with_exif(400, 240, 6);
+        for gravity in [Gravity::Attention, Gravity::Entropy, Gravity::Centre] {
+            let mut s = spec(
+                Version::Cover {
+                    width: 90,
+                    height: 120,
+                },
+                Format::Jpeg,
+            );
+            s.gravity = gravity;
+            let out = render(&original, &s, &limits()).expect("render");
+            assert_eq!(
+                output_size(&out.bytes, Format::Jpeg),
+                (90, 120),
+                "{gravity:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn animated_gif_renders_first_frame_only() {
+        setup();
+        let original = fixtures::gif_animated(40, 30, 3);
+        let header = probe(&original, &limits()).expect("probe");
+        assert_eq!((header.width, header.height, header.pages), (40, 30, 3));
+        for format in [Format::Gif, Format::Webp, Format::Png] {
+            let out =
+                render(&original, &spec(Version::FullSize, format), &limits()).expect("render");
+            let img = decode(&out.bytes);
+            assert_eq!((img.get_width(), img.get_height()), (40, 30), "{format:?}");
+            assert!(img.get_n_pages() <= 1, "{format:?} is a single frame");
+            let p = pixel(&img, 20, 15);
+            assert!((p[0] - 20.0).abs() < 3.0, "{format:?} first frame: {p:?}");
+        }
+    }
+
+    #[test]
+    fn truncated_originals_are_undecodable() {
+        setup();
+        let jpeg = fixtures::jpeg(400, 300, 90);
+        let png = fixtures::png_alpha(400, 300);
+        // Without `fail_on` libvips "decodes" the truncated JPEG into a grey-bottomed image: it is our
+        // option that turns it into an error.
+        let cut = &jpeg[..jpeg.len() * 2 / 3];
+        let lenient =
+            VipsImage::jpegload_buffer_with_opts(cut, VOption::new().set("fail_on", "none"))
+                .and_then(|i| i.copy_memory());
+        assert!(lenient.is_ok(), "libvips default is lenient");
+        Vips::error_clear();
+        for (name, bytes) in [("jpeg", &jpeg), ("png", &png)] {
+            let cut = &bytes[..bytes.len() * 2 / 3];
+            for version in [Version::FullSize, Version::Width(40)] {
+                assert_eq!(
+                    render(cut, &spec(version, Format::Jpeg), &limits()).map(|_| ()),
+                    Err(ImageError::Undecodable),
+                    "{name} {version}"
+                );
+            }
+        }
+        // Garbage after a valid magic number.
+        let mut junk = b"\xFF\xD8\xFF\xE0".to_vec();
+        junk.extend_from_slice(&[0x5A; 200]);
+        assert_eq!(
+            render(&junk, &spec(Version::Width(10), Format::Jpeg), &limits()).map(|_| ()),
+            Err(ImageError::Undecodable)
+        );
+    }
+
+    #[test]
+    fn other_formats_are_unsupported() {
+        setup();
+        let svg = br#"<?xml version="1.0"?><svg xmlns="http://www.w3.org/2000/svg" width="10" height="10"><rect width="10" height="10"/></svg>"#;
+        let tiff = b"II*\0\x08\0\0\0\x00\x00\x00\x00";
+        let pdf = b"%PDF-1.4\n1 0 obj<<>>endobj\ntrailer<<>>\n%%EOF";
+        let html = b"<!DOCTYPE html><html><body>not an image</body></html>";
+        let empty = b"";
+        for (name, bytes) in [
+            ("svg", svg.as_slice()),
+            ("tiff", tiff.as_slice()),
+            ("pdf", pdf.as_slice()),
+            ("html", html.as_slice()),
+            ("empty", empty.as_slice()),
+        ] {
+            assert_eq!(
+                render(bytes, &spec(Version::Width(10), Format::Png), &limits()).map(|_| ()),
+                Err(ImageError::UnsupportedFormat),
+                "{name}"
+            );
+            assert_eq!(
+                probe(bytes, &limits()),
+                Err(ImageError::UnsupportedFormat),
+                "{name}"
+            );
+        }
+    }
+
+    #[test]
+    fn libvips_level_loader_block_holds() {
+        setup();
+        // Past our own sniffing, libvips' generic loader must refuse blocked formats too.
+        let tiff = {
+            let img = VipsImage::black(4, 4).expect("black");
+            img.tiffsave_buffer()
+                .expect("tiff encodes (savers are not blocked)")
+        };
+        assert!(VipsImage::new_from_buffer(&tiff, "").is_err());
+        Vips::error_clear();
+        let svg = br#"<svg xmlns="http://www.w3.org/2000/svg" width="4" height="4"/>"#;
+        assert!(VipsImage::new_from_buffer(svg, "").is_err());
+        Vips::error_clear();
+        // The allowed ones still load through the generic path.
+        assert!(VipsImage::new_from_buffer(&fixtures::gif(4, 4), "").is_ok());
+    }
+
+    #[test]
+    fn avif_input_needs_accept_avif_input() {
+        setup();
+        let avif = render(
+            &fixtures::jpeg(64, 48, 80),
+            &spec(Version::FullSize, Format::Avif),
+            &limits(),
+        )
+        .expect("encode avif")
+        .bytes;
+        assert_eq!(probe(&avif, &limits()), Err(ImageError::UnsupportedFormat));
+        assert_eq!(
+            render(&avif, &spec(Version::Width(10), Format::Png), &limits()).map(|_| ()),
+            Err(ImageError::UnsupportedFormat)
+        );
+    }
+
+    fn crc32(data: &[u8]) -> u32 {
+        let mut crc = 0xFFFF_FFFFu32;
+        for &b in data {
+            crc ^= u32::from(b);
+            for _ in 0..8 {
+                crc = if crc & 1 != 0 {
+                    (crc >> 1) ^ 0xEDB8_8320
+                } else {
+                    crc >> 1
+                };
+            }
+        }
+        !crc
+    }
+
+    fn png_chunk(kind: &[u8; 4], data: &[u8]) -> Vec<u8> {
+        let mut c = (data.len() as u32).to_be_bytes().to_vec();
+        c.extend_from_slice(kind);
+        c.extend_from_slice(data);
+        c.extend_from_slice(&crc32(&[kind.as_slice(), data].concat()).to_be_bytes());
+        c
+    }
+
+    #[test]
+    fn crc32_matches_known_value() {
+        assert_eq!(crc32(b"123456789"), 0xCBF4_3926);
+    }
+
+    #[test]
+    fn png_bomb_header_is_refused_before_decoding() {
+        setup();
+        let mut ihdr = Vec::new();
+        ihdr.extend_from_slice(&100_000u32.to_be_bytes());
+        ihdr.extend_from_slice(&100_000u32.to_be_bytes());
+        ihdr.extend_from_slice(&[8, 2, 0, 0, 0]); // 8-bit RGB, deflate, no interlace
+        let mut png = b"\x89PNG\r\n\x1a\n".to_vec();
+        png.extend(png_chunk(b"IHDR", &ihdr));
+        png.extend(png_chunk(b"IDAT", &[0x78, 0x9C, 0x63, 0x00, 0x00]));
+        png.extend(png_chunk(b"IEND", &[]));
+
+        let header = probe(&png, &limits()).expect("the header itself is valid");
+        assert_eq!((header.width, header.height), (100_000, 100_000));
+
+        let before = thread_decodes();
+        let global_before = decodes_started();
+        let t = Instant::now();
+        let result = render(&png, &spec(Version::Width(100), Format::Jpeg), &limits());
+        assert_eq!(result.map(|_| ()), Err(ImageError::SourceTooLarge));
+        assert!(
+            t.elapsed() < Duration::from_secs(1),
+            "took {:?}",
+            t.elapsed()
+        );
+        assert_eq!(thread_decodes(), before, "nothing decoded");
+        assert!(decodes_started() >= global_before);
+    }
+
+    #[test]
+    fn gif_frame_far_outside_the_screen_is_refused() {
+        setup();
+        let mut gif = b"GIF89a".to_vec();
+        gif.extend_from_slice(&[1, 0, 1, 0, 0, 0, 0]); // 1×1 screen, no global palette
+        gif.push(0x2C); // image descriptor
+        gif.extend_from_slice(&60_000u16.to_le_bytes());
+        gif.extend_from_slice(&60_000u16.to_le_bytes());
+        gif.extend_from_slice(&[1, 0, 1, 0]); // 1×1 frame
+        gif.push(0x80); // local palette, 2 entries
+        gif.extend_from_slice(&[0, 0, 0, 255, 255, 255]);
+        gif.extend_from_slice(&[0x02, 0x02, 0x44, 0x01, 0x00]); // LZW: one pixel
+        gif.push(0x3B);
+
+        let probed = probe(&gif, &limits());
+        if let Ok(h) = &probed {
+            eprintln!("gif bomb header: {h:?}");
+        }
+        let before = thread_decodes();
+        let t = Instant::now();
+        let result = render(&gif, &spec(Version::Width(10), Format::Png), &limits()).map(|_| ());
+        assert!(
+            matches!(
+                result,
+                Err(ImageError::SourceTooLarge | ImageError::Undecodable)
+            ),
+            "{result:?} (probe said {probed:?})"
+        );
+        assert!(
+            t.elapsed() < Duration::from_secs(1),
+            "took {:?}",
+            t.elapsed()
+        );
+        if result == Err(ImageError::SourceTooLarge) {
+            assert_eq!(thread_decodes(), before);
+        }
+    }
+
+    #[test]
+    fn side_and_pixel_limits() {
+        setup();
+        let original = fixtures::jpeg(300, 200, 80);
+        let tight = DecodeLimits {
+            max_pixels: 300 * 200 - 1,
+            ..limits()
+        };
+        assert_eq!(
+            render(&original, &spec(Version::Width(10), Format::Jpeg), &tight).map(|_| ()),
+            Err(ImageError::SourceTooLarge)
+        );
+        let narrow = DecodeLimits {
+            max_side: 299,
+            ..limits()
+        };
+        assert_eq!(
+            render(&original, &spec(Version::Width(10), Format::Jpeg), &narrow).map(|_| ()),
+            Err(ImageError::SourceTooLarge)
+        );
+        // Animations count every frame.
+        let gif = fixtures::gif_animated(100, 100, 5);
+        let frames = DecodeLimits {
+            max_pixels: 100 * 100 * 4,
+            ..limits()
+        };
+        assert_eq!(
+            render(&gif, &spec(Version::Width(10), Format::Gif), &frames).map(|_| ()),
+            Err(ImageError::SourceTooLarge)
+        );
+        // Enlarging an extreme strip would create a huge intermediate: refused, not attempted.
+        let strip = fixtures::jpeg(4000, 2, 80);
+        assert_eq!(
+            render(
+                &strip,
+                &spec(
+                    Version::Cover {
+                        width: 2048,
+                        height: 2048
+                    },
+                    Format::Jpeg
+                ),
+                &limits()
+            )
+            .map(|_| ()),
+            Err(ImageError::SourceTooLarge)
+        );
+    }
+
+    #[test]
+    fn fixture_jpeg_is_photographic_sized() {
+        setup();
+        let big = fixtures::jpeg(3000, 2000, 90);
+        let mb = big.len() as f64 / 1e6;
+        assert!((1.5..3.0).contains(&mb), "{mb} MB");
+    }
 }

@@ -13,11 +13,11 @@
 
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use reqwest::StatusCode;
 
 use super::{error_chain, expand_template, probe_request, validate_template};
-use super::{SourceError, SourceLimits};
+use super::{join_chunks, SourceError, SourceLimits};
 use crate::request::ImageRequest;
 
 /// Originals behind an HTTP(S) base URL.
@@ -83,7 +83,8 @@ impl HttpSource {
     }
 
     /// The URL of `req`'s original: `{base}/{expanded template}`. The base is treated as a
-    /// directory whether or not it ends in `/` (the seed concatenated the same way).
+    /// directory whether or not it ends in `/`, so `https://host/originals` and
+    /// `https://host/originals/` mean the same place.
     fn url_for(&self, req: &ImageRequest) -> Result<url::Url, SourceError> {
         let path = expand_template(&self.template, req);
         let text = format!("{}/{}", self.base, path.trim_start_matches('/'));
@@ -145,26 +146,13 @@ impl HttpSource {
                 )));
             }
         }
-        Ok(concat(chunks, total))
+        Ok(join_chunks(chunks, total))
     }
 
     /// The base URL without credentials (`https://cdn.example.com/originals`).
     pub fn describe(&self) -> String {
         self.described.clone()
     }
-}
-
-/// Joins chunks into one buffer, copying only when there is more than one.
-fn concat(mut chunks: Vec<Bytes>, total: u64) -> Bytes {
-    if chunks.len() == 1 {
-        return chunks.pop().unwrap_or_default();
-    }
-    // `total` is at most max_bytes, which fits in memory by configuration.
-    let mut buf = BytesMut::with_capacity(usize::try_from(total).unwrap_or(0));
-    for c in chunks {
-        buf.extend_from_slice(&c);
-    }
-    buf.freeze()
 }
 
 /// Sorts a transport error: a timeout (connect or otherwise) is 504, everything else (refused,

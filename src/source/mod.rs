@@ -254,9 +254,8 @@ pub fn object_store_from_url(
         "s3" => {
             let bucket = bucket_of(&parsed)?;
             let prefix = prefix_of(&parsed, false)?;
-            let store = s3_builder(bucket, s3)
+            let store = s3_builder(bucket, s3, client)
                 .with_retry(retry)
-                .with_client_options(client)
                 .build()
                 .map_err(build_err)?;
             Ok((Arc::new(store), prefix))
@@ -269,7 +268,9 @@ pub fn object_store_from_url(
             let store = object_store::gcp::GoogleCloudStorageBuilder::from_env()
                 .with_bucket_name(bucket)
                 .with_retry(retry)
-                .with_client_options(client)
+                // The builder's own default allows http (its metadata-server credentials);
+                // replacing the options must keep that.
+                .with_client_options(client.with_allow_http(true))
                 .build()
                 .map_err(build_err)?;
             Ok((Arc::new(store), prefix))
@@ -296,8 +297,15 @@ pub fn object_store_from_url(
 /// else `AWS_ACCESS_KEY_ID`/`AWS_SECRET_ACCESS_KEY` (and `AWS_SESSION_TOKEN`); else the builder
 /// falls back to instance metadata, as any AWS client does. Only these variables are read, so a
 /// stray `AWS_ENDPOINT` in the environment cannot redirect the store behind the config's back.
-fn s3_builder(bucket: &str, s3: &S3Config) -> object_store::aws::AmazonS3Builder {
+fn s3_builder(
+    bucket: &str,
+    s3: &S3Config,
+    client: ClientOptions,
+) -> object_store::aws::AmazonS3Builder {
+    // Client options first: `with_client_options` replaces them wholesale, and `with_allow_http`
+    // is stored inside them, so the other order would silently forbid http:// endpoints.
     let mut b = object_store::aws::AmazonS3Builder::new()
+        .with_client_options(client)
         .with_bucket_name(bucket)
         .with_region(if s3.region.is_empty() {
             "us-east-1"
@@ -350,6 +358,20 @@ fn prefix_of(url: &url::Url, host_is_prefix: bool) -> Result<StorePath, SourceEr
         .map_err(|e| SourceError::Config(format!("bad object-store prefix {raw:?}: {e}")))
 }
 
+/// Joins the chunks of a body into one buffer, copying only when there is more than one (a small
+/// original usually arrives as a single chunk). `total` is their summed length, at most
+/// `max_source_bytes`.
+pub(crate) fn join_chunks(mut chunks: Vec<bytes::Bytes>, total: u64) -> bytes::Bytes {
+    if chunks.len() == 1 {
+        return chunks.pop().unwrap_or_default();
+    }
+    let mut buf = bytes::BytesMut::with_capacity(usize::try_from(total).unwrap_or(0));
+    for c in chunks {
+        buf.extend_from_slice(&c);
+    }
+    buf.freeze()
+}
+
 /// A log-friendly description of an error and its causes (`a: b: c`), so a log line says "connection
 /// refused" rather than only "error sending request".
 pub(crate) fn error_chain(err: &(dyn StdError + 'static)) -> String {
@@ -391,6 +413,18 @@ mod tests {
             expand_template("originals/{id}-{id}.{type}", &r),
             "originals/10855050-10855050.image"
         );
+    }
+
+    #[test]
+    fn join_chunks_keeps_order() {
+        use bytes::Bytes;
+        assert_eq!(join_chunks(Vec::new(), 0), Bytes::new());
+        assert_eq!(
+            join_chunks(vec![Bytes::from_static(b"one")], 3),
+            Bytes::from_static(b"one")
+        );
+        let parts = vec![Bytes::from_static(b"ab"), Bytes::from_static(b"cd")];
+        assert_eq!(join_chunks(parts, 4), Bytes::from_static(b"abcd"));
     }
 
     #[test]

@@ -9,7 +9,7 @@
 use std::error::Error as StdError;
 use std::sync::Arc;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use futures::StreamExt;
 use object_store::path::Path as StorePath;
 use object_store::{ObjectStore, ObjectStoreExt};
@@ -17,7 +17,7 @@ use object_store::{ObjectStore, ObjectStoreExt};
 use super::{
     error_chain, expand_template, object_store_from_url, probe_request, validate_template,
 };
-use super::{SourceError, SourceLimits};
+use super::{join_chunks, SourceError, SourceLimits};
 use crate::config::S3Config;
 use crate::request::ImageRequest;
 
@@ -47,7 +47,7 @@ impl ObjectSource {
         let source = ObjectSource {
             store,
             prefix,
-            described: store_url.trim_end_matches('/').to_owned(),
+            described: describe_url(store_url),
             template,
             limits,
         };
@@ -103,7 +103,7 @@ impl ObjectSource {
                 "object changed or truncated: {total} of {expected} bytes"
             )));
         }
-        Ok(concat(chunks, total))
+        Ok(join_chunks(chunks, total))
     }
 
     /// The store URL (`file:///srv/originals`, `s3://bucket/prefix`).
@@ -112,16 +112,14 @@ impl ObjectSource {
     }
 }
 
-/// Joins chunks into one buffer, copying only when there is more than one.
-fn concat(mut chunks: Vec<Bytes>, total: u64) -> Bytes {
-    if chunks.len() == 1 {
-        return chunks.pop().unwrap_or_default();
+/// The store URL for logs: without a trailing slash, unless that would leave `memory:`.
+fn describe_url(url: &str) -> String {
+    let trimmed = url.trim_end_matches('/');
+    if trimmed.ends_with(':') {
+        url.to_owned()
+    } else {
+        trimmed.to_owned()
     }
-    let mut buf = BytesMut::with_capacity(usize::try_from(total).unwrap_or(0));
-    for c in chunks {
-        buf.extend_from_slice(&c);
-    }
-    buf.freeze()
 }
 
 /// Sorts a store error: missing is 404, a timed-out HTTP request to the store is 504, anything
@@ -247,24 +245,112 @@ mod tests {
         assert_eq!(s.fetch(&req("7")).await, Ok(Bytes::from_static(b"abc")));
     }
 
+    fn s3_at(addr: std::net::SocketAddr) -> S3Config {
+        S3Config {
+            endpoint: Some(format!("http://{addr}")),
+            region: "us-east-1".into(),
+            allow_http: true,
+            access_key_id: Some("key".into()),
+            secret_access_key: Some("secret".into()),
+        }
+    }
+
+    /// A minimal S3-compatible GET endpoint on a loopback port: `/bucket/p/1` holds `abc`,
+    /// everything else is 404; `silent` makes it accept and never answer. Returns the request
+    /// heads it saw (lower-cased).
+    async fn fake_s3(silent: bool) -> (std::net::SocketAddr, Arc<std::sync::Mutex<Vec<String>>>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let heads = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = heads.clone();
+        tokio::spawn(async move {
+            while let Ok((mut sock, _)) = listener.accept().await {
+                let seen = seen.clone();
+                tokio::spawn(async move {
+                    if silent {
+                        tokio::time::sleep(Duration::from_secs(30)).await;
+                        return;
+                    }
+                    let mut head = Vec::new();
+                    let mut buf = [0u8; 1024];
+                    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match sock.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => head.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    let head = String::from_utf8_lossy(&head).to_lowercase();
+                    let found = head.starts_with("get /bucket/p/1 ");
+                    if let Ok(mut v) = seen.lock() {
+                        v.push(head);
+                    }
+                    let reply: &[u8] = if found {
+                        b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\netag: \"e\"\r\n\
+                          last-modified: Tue, 15 Nov 1994 08:12:31 GMT\r\nconnection: close\r\n\r\nabc"
+                    } else {
+                        b"HTTP/1.1 404 Not Found\r\ncontent-length: 35\r\nconnection: close\r\n\r\n\
+                          <Error><Code>NoSuchKey</Code></Error>"
+                    };
+                    let _ = sock.write_all(reply).await;
+                    let _ = sock.shutdown().await;
+                });
+            }
+        });
+        (addr, heads)
+    }
+
+    #[tokio::test]
+    async fn s3_found_and_missing() {
+        let (addr, heads) = fake_s3(false).await;
+        let s = ObjectSource::new("s3://bucket/p", &s3_at(addr), "{id}".into(), limits(100))
+            .expect("source");
+        assert_eq!(s.fetch(&req("1")).await, Ok(Bytes::from_static(b"abc")));
+        assert_eq!(s.fetch(&req("2")).await, Err(SourceError::NotFound));
+        let heads = heads.lock().expect("lock").clone();
+        // Path-style (an endpoint is set) and signed with the configured key.
+        assert!(
+            heads[0].contains("authorization: aws4-hmac-sha256 credential=key/"),
+            "{}",
+            heads[0]
+        );
+        let s = ObjectSource::new("s3://bucket/p", &s3_at(addr), "{id}".into(), limits(2))
+            .expect("source");
+        assert_eq!(s.fetch(&req("1")).await, Err(SourceError::TooLarge));
+        assert_eq!(s.describe(), "s3://bucket/p");
+        assert_eq!(describe_url("s3://bucket/p/"), "s3://bucket/p");
+        assert_eq!(describe_url("memory://"), "memory://");
+    }
+
     #[tokio::test]
     async fn unreachable_s3_fails_fast_as_upstream() {
         // A refused endpoint must not sit in object_store's default retry loop (minutes).
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         let addr = listener.local_addr().expect("addr");
         drop(listener);
-        let s3 = S3Config {
-            endpoint: Some(format!("http://{addr}")),
-            region: "us-east-1".into(),
-            allow_http: true,
-            access_key_id: Some("key".into()),
-            secret_access_key: Some("secret".into()),
-        };
-        let s =
-            ObjectSource::new("s3://bucket/p", &s3, "{id}".into(), limits(100)).expect("source");
+        let s = ObjectSource::new("s3://bucket/p", &s3_at(addr), "{id}".into(), limits(100))
+            .expect("source");
         let start = Instant::now();
         let got = s.fetch(&req("1")).await;
         assert!(matches!(got, Err(SourceError::Upstream(_))), "{got:?}");
+        assert!(
+            start.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            start.elapsed()
+        );
+    }
+
+    #[tokio::test]
+    async fn silent_s3_times_out() {
+        // Accepts connections and never answers: the fetch deadline must win over retries.
+        let (addr, _) = fake_s3(true).await;
+        let mut l = limits(100);
+        l.fetch_timeout = Duration::from_millis(300);
+        let s = ObjectSource::new("s3://bucket", &s3_at(addr), "{id}".into(), l).expect("source");
+        let start = Instant::now();
+        assert_eq!(s.fetch(&req("1")).await, Err(SourceError::Timeout));
         assert!(
             start.elapsed() < Duration::from_secs(2),
             "{:?}",

@@ -83,12 +83,24 @@ async fn seed_parser_cases_over_http() {
         let resp = get(&server, path).await;
         assert_eq!(resp.status().as_u16(), *status, "{path}");
         assert_eq!(header(&resp, "content-type"), "text/plain; charset=utf-8");
-        assert_eq!(header(&resp, "cache-control"), "public, max-age=60", "{path}");
+        assert_eq!(
+            header(&resp, "cache-control"),
+            "public, max-age=60",
+            "{path}"
+        );
         assert_eq!(resp.text().await.expect("body"), *body, "{path}");
     }
-    assert_eq!(origin.total(), before, "refused names never reach the origin");
+    assert_eq!(
+        origin.total(),
+        before,
+        "refused names never reach the origin"
+    );
 
-    let resp = get(&server, "/product/image/1/w300.jpg?source=http://127.0.0.1:1/x.jpg").await;
+    let resp = get(
+        &server,
+        "/product/image/1/w300.jpg?source=http://127.0.0.1:1/x.jpg",
+    )
+    .await;
     assert_eq!(resp.status(), 403, "?source= is off by default");
     server.stop().await.expect("stops");
 }
@@ -98,10 +110,19 @@ async fn whitelist_from_config_is_enforced_without_fetching() {
     let origin = landscape_origin().await;
     let server =
         support::start_with_origin(&origin, &[("whitelisted_extensions", "[\"jpg\"]")]).await;
-    assert_eq!(get(&server, "/product/image/1/w300.png").await.status(), 406);
-    assert_eq!(get(&server, "/product/image/1/w300.webp").await.status(), 406);
+    assert_eq!(
+        get(&server, "/product/image/1/w300.png").await.status(),
+        406
+    );
+    assert_eq!(
+        get(&server, "/product/image/1/w300.webp").await.status(),
+        406
+    );
     assert_eq!(origin.total(), 0);
-    assert_eq!(get(&server, "/product/image/1/w300.jpg").await.status(), 200);
+    assert_eq!(
+        get(&server, "/product/image/1/w300.jpg").await.status(),
+        200
+    );
     server.stop().await.expect("stops");
 }
 
@@ -121,7 +142,11 @@ async fn head_answers_like_get_without_a_body_and_other_methods_are_405() {
     assert_eq!(header(&head, "content-type"), "image/jpeg");
     assert_eq!(get_len.parse::<usize>().expect("len"), body.len());
     assert!(head.bytes().await.expect("empty").is_empty());
-    for method in [reqwest::Method::POST, reqwest::Method::PUT, reqwest::Method::DELETE] {
+    for method in [
+        reqwest::Method::POST,
+        reqwest::Method::PUT,
+        reqwest::Method::DELETE,
+    ] {
         let resp = support::client()
             .request(method.clone(), &url)
             .send()
@@ -136,10 +161,11 @@ async fn head_answers_like_get_without_a_body_and_other_methods_are_405() {
 #[tokio::test]
 async fn exif_rotated_original_comes_out_upright_and_metadata_free() {
     let origin = Origin::start().await;
-    // Stored 600×400 sideways with orientation 6: displayed upright it is 400×600.
-    origin.put("user/avatar/7", fixtures::jpeg_with_exif(600, 400, 6));
+    // Displayed upright it is 400×600 (stored sideways, EXIF orientation 6), with a red block in
+    // its top-left corner and a blue block in its top-right corner.
+    origin.put("user/avatar/7", fixtures::jpeg_with_exif(400, 600, 6));
     let server = support::start_with_origin(&origin, &[]).await;
-    let input_tags = support::exif_tags(&fixtures::jpeg_with_exif(600, 400, 6));
+    let input_tags = support::exif_tags(&fixtures::jpeg_with_exif(400, 600, 6));
     assert!(
         input_tags.iter().any(|t| t.contains("GPS")),
         "the fixture really carries GPS: {input_tags:?}"
@@ -150,7 +176,11 @@ async fn exif_rotated_original_comes_out_upright_and_metadata_free() {
         assert_eq!(resp.status(), 200, "{path}");
         let body = resp.bytes().await.expect("body");
         let out = probe(&body);
-        assert_eq!((out.width, out.height), (200, 300), "{path}: upright is portrait");
+        assert_eq!(
+            (out.width, out.height),
+            (200, 300),
+            "{path}: upright is portrait"
+        );
         let tags = support::exif_tags(&body);
         let leaked: Vec<_> = tags
             .iter()
@@ -176,7 +206,10 @@ async fn missing_original_is_404_and_unreachable_origin_is_502_then_recovers() {
     assert_eq!(resp.text().await.expect("body"), "not found\n");
     // Negative-cached: the second ask does not reach the origin.
     let hits = origin.hits("product/image/404");
-    assert_eq!(get(&server, "/product/image/404/w100.jpg").await.status(), 404);
+    assert_eq!(
+        get(&server, "/product/image/404/w100.jpg").await.status(),
+        404
+    );
     assert_eq!(origin.hits("product/image/404"), hits);
 
     origin.script("product/image/5", Reply::Status(500));
@@ -186,7 +219,9 @@ async fn missing_original_is_404_and_unreachable_origin_is_502_then_recovers() {
     server.stop().await.expect("stops");
 
     // An origin that refuses connections: 502; once it is back, the next request is served.
-    let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let closed = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
     let addr = closed.local_addr().expect("addr");
     drop(closed);
     let url = format!("http://{addr}");
@@ -226,14 +261,20 @@ async fn object_store_source_on_the_local_filesystem() {
     assert_eq!(resp.status(), 200);
     let out = probe(&resp.bytes().await.expect("body"));
     assert_eq!((out.format, out.width, out.height), (Format::Png, 100, 100));
-    assert_eq!(get(&server, "/product/image/4/x100.png").await.status(), 404);
+    assert_eq!(
+        get(&server, "/product/image/4/x100.png").await.status(),
+        404
+    );
     server.stop().await.expect("stops");
 }
 
 #[tokio::test]
 async fn undecodable_original_is_422_and_not_cached() {
     let origin = Origin::start().await;
-    origin.put("product/image/9", &b"<html><body>not an image</body></html>"[..]);
+    origin.put(
+        "product/image/9",
+        &b"<html><body>not an image</body></html>"[..],
+    );
     let server = support::start_with_origin(&origin, &[]).await;
     let resp = get(&server, "/product/image/9/w100.jpg").await;
     assert_eq!(resp.status(), 422);

@@ -167,7 +167,9 @@ pub fn config(overrides: &[(&str, &str)]) -> Config {
         .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
         .collect();
     config::load_from(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("config").as_path(),
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("config")
+            .as_path(),
         "test",
         None,
         std::iter::empty(),
@@ -220,21 +222,89 @@ pub fn header(resp: &reqwest::Response, name: &str) -> String {
         .to_owned()
 }
 
-/// Reads an output's format and size back with libvips (header only).
-pub fn probe(bytes: &[u8]) -> vips::Header {
-    vips::probe(bytes, &image_server::image::DecodeLimits::default()).expect("decodable output")
+/// An output's format and size as read by an independent reader: the `vipsheader` command (a
+/// separate process, so none of the server's loader blocks apply).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Probe {
+    pub format: image_server::request::Format,
+    pub width: u32,
+    pub height: u32,
+    pub bands: u32,
+    pub interpretation: String,
+}
+
+fn with_file<T>(bytes: &[u8], f: impl FnOnce(&Path) -> T) -> T {
+    let dir = tempfile::tempdir().expect("tmp");
+    let path = dir.path().join("img");
+    std::fs::write(&path, bytes).expect("write");
+    f(&path)
+}
+
+/// Reads an output's format, size, bands and colour space with `vipsheader`.
+pub fn probe(bytes: &[u8]) -> Probe {
+    use image_server::request::Format;
+    let out = with_file(bytes, |p| {
+        std::process::Command::new("vipsheader")
+            .arg(p)
+            .output()
+            .expect("vipsheader is installed (make test installs libvips-tools)")
+    });
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    // "PATH: 300x200 uchar, 3 bands, srgb, jpegload"
+    let rest = text
+        .split_once(": ")
+        .map(|(_, r)| r.trim().to_owned())
+        .unwrap_or_else(|| panic!("undecodable output: {text} {}", String::from_utf8_lossy(&out.stderr)));
+    let parts: Vec<&str> = rest.split(", ").collect();
+    let (w, h) = parts[0]
+        .split_whitespace()
+        .next()
+        .and_then(|d| d.split_once('x'))
+        .expect("dimensions");
+    let bands = parts[1].split_whitespace().next().expect("bands");
+    let format = match parts[3] {
+        "jpegload" => Format::Jpeg,
+        "pngload" => Format::Png,
+        "webpload" => Format::Webp,
+        "heifload" => Format::Avif,
+        "gifload" => Format::Gif,
+        other => panic!("unexpected loader {other}"),
+    };
+    Probe {
+        format,
+        width: w.parse().expect("w"),
+        height: h.parse().expect("h"),
+        bands: bands.parse().expect("bands"),
+        interpretation: parts[2].to_owned(),
+    }
+}
+
+/// The pixel at (x, y) as read by the `vips getpoint` command (independent of the server process).
+pub fn pixel(bytes: &[u8], x: u32, y: u32) -> Vec<f64> {
+    let out = with_file(bytes, |p| {
+        std::process::Command::new("vips")
+            .arg("getpoint")
+            .arg(p)
+            .arg(x.to_string())
+            .arg(y.to_string())
+            .output()
+            .expect("vips CLI")
+    });
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .map(|v| v.parse().expect("number"))
+        .collect()
 }
 
 /// Every metadata tag exiftool finds in `bytes`, as `Group:Tag` names (an independent reader).
 pub fn exif_tags(bytes: &[u8]) -> Vec<String> {
-    let dir = tempfile::tempdir().expect("tmp");
-    let path = dir.path().join("img");
-    std::fs::write(&path, bytes).expect("write");
-    let out = std::process::Command::new("exiftool")
-        .args(["-j", "-G", "-a", "-u"])
-        .arg(&path)
-        .output()
-        .expect("exiftool is installed (make test installs it)");
+    let out = with_file(bytes, |p| {
+        std::process::Command::new("exiftool")
+            .args(["-j", "-G", "-a", "-u"])
+            .arg(p)
+            .output()
+            .expect("exiftool is installed (make test installs it)")
+    });
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("exiftool json");
     v.get(0)
         .and_then(|o| o.as_object())

@@ -1,0 +1,60 @@
+# Everyday commands. `make run` and `make test` are all a newcomer needs (see README.md).
+# Each target installs what it needs first (scripts/install-deps.sh is quiet when all is present).
+
+CARGO ?= cargo
+DEPS := scripts/install-deps.sh
+
+.PHONY: help run test bench fmt fmt-check lint doc check fuzz samples deps
+
+## help: list the targets (the default)
+help:
+	@sed -n 's/^## //p' $(MAKEFILE_LIST)
+
+## run: build (release) and serve the sample originals on :7000, status on :7001
+run:
+	$(DEPS) build
+	$(CARGO) run --release -- -e development serve
+
+## test: unit, integration and bench smoke tests (dev profile: no long release build)
+test:
+	$(DEPS) test
+	$(CARGO) test --all-targets
+
+## bench: criterion benchmarks
+bench:
+	$(DEPS) build
+	$(CARGO) bench --bench render --bench parse
+
+## fmt: format the code
+fmt:
+	$(CARGO) fmt --all
+
+fmt-check:
+	$(CARGO) fmt --all -- --check
+
+## lint: clippy, warnings are errors
+lint:
+	$(DEPS) build
+	$(CARGO) clippy --all-targets -- -D warnings
+
+## doc: API docs, warnings (broken links, missing docs) are errors
+doc:
+	$(DEPS) build
+	RUSTDOCFLAGS="-D warnings" $(CARGO) doc --no-deps
+
+## check: everything CI checks: format, lint, docs, tests
+check: fmt-check lint doc test
+
+## fuzz: not yet available
+fuzz:
+	@echo "make fuzz: fuzz targets are not available yet (planned: URL parser, image header checks)." >&2
+	@exit 1
+
+## samples: regenerate samples/ (deterministic; commit the result)
+samples:
+	$(DEPS) test
+	scripts/make-samples.sh
+
+## deps: install every dependency (build, test, bench)
+deps:
+	$(DEPS) all

