@@ -123,6 +123,34 @@ async fn shared_store_scenario(store: Store) {
         "B did not render"
     );
 
+    if let Store::S3(weed) = &store {
+        // The object carries Content-Type and Cache-Control for anything that reads the bucket directly.
+        let cfg = support::config(&[("source_domain", "http://127.0.0.1:9")]);
+        let mut s3 = cfg.s3.clone();
+        s3.endpoint = Some(weed.endpoint());
+        s3.allow_http = true;
+        s3.access_key_id = Some(crate::seaweed::ACCESS_KEY.into());
+        s3.secret_access_key = Some(crate::seaweed::SECRET_KEY.into());
+        let (raw, _) = image_server::source::object_store_from_url(
+            &weed.url(""),
+            &s3,
+            Duration::from_secs(5),
+            Duration::from_secs(2),
+        )
+        .expect("store");
+        use object_store::ObjectStoreExt;
+        let got = raw
+            .get(&object_store::path::Path::from("cache/product/image/1/300x200.jpg"))
+            .await
+            .expect("object at {prefix}/{model}/{type}/{id}/{canonical}");
+        let attr = |a: object_store::Attribute| got.attributes.get(&a).map(|v| v.as_ref().to_owned());
+        assert_eq!(attr(object_store::Attribute::ContentType).as_deref(), Some("image/jpeg"));
+        assert_eq!(
+            attr(object_store::Attribute::CacheControl).as_deref(),
+            Some("public, max-age=31536000")
+        );
+    }
+
     // B now has it in memory.
     let resp = get(&b, "/product/image/1/300x200.jpg").await;
     assert_eq!(header(&resp, "x-cache"), "memory");
