@@ -5,9 +5,9 @@
 #
 # Usage: scripts/install-deps.sh [PART...]
 #   build   libvips-dev: all that `cargo build` / `make run` need beyond a Rust toolchain
-#   test    build + what the tests use: vips CLI, djpeg, exiftool, SeaweedFS (S3 server),
-#           Pillow, Etsy statsd
-#   bench   nginx-light and wrk (comparison benchmarks)
+#   test    build + what the tests use: vips CLI, djpeg, exiftool, nginx (the simulated CDN),
+#           SeaweedFS (S3 server), Pillow, Etsy statsd
+#   bench   nginx-light and wrk (load generator and the static-file comparison)
 #   all     everything above (the default)
 # Finer parts, for a machine that has some of it already: apt, pip, npm.
 #   e.g. `scripts/install-deps.sh apt` installs every Debian package and skips PyPI and npm.
@@ -18,7 +18,7 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 apt_build=(libvips-dev)
 # `exiftool` on Debian 12 is the package libimage-exiftool-perl (the short name is only virtual,
 # which dpkg cannot query).
-apt_test=(libvips-dev libvips-tools libjpeg-turbo-progs libimage-exiftool-perl)
+apt_test=(libvips-dev libvips-tools libjpeg-turbo-progs libimage-exiftool-perl nginx-light)
 apt_bench=(nginx-light wrk)
 
 want_apt=()

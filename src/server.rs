@@ -3,8 +3,9 @@
 //! [`run`] takes already-bound listeners and a shutdown future, so `main`, the integration tests and
 //! the benches all start the same server (tests on port 0). HTTP/1 and HTTP/2 through hyper-util's
 //! auto builder, a header-read timeout and a connection cap so slow clients cannot hold the box, and a
-//! graceful stop: on shutdown `/ready` turns 503 at once, the listeners close, in-flight requests get
-//! `shutdown_grace` to finish, and queued result-store writes are flushed.
+//! graceful stop: on shutdown `/ready` turns 503 at once, the image listener closes, in-flight requests
+//! get `shutdown_grace` to finish, and queued result-store writes are flushed; the status port keeps
+//! answering until then, so probes see the 503. A ticker re-sends the gauges every second.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -28,6 +29,25 @@ enum Port {
     Status,
 }
 
+/// Connections the status port accepts at once (probes, scrapers, purge calls).
+const STATUS_MAX_CONNECTIONS: usize = 64;
+
+/// How often the gauges are re-sent: statsd keeps a gauge's last value, so without a periodic set
+/// a gauge would stay at whatever it was when the last render or download ended.
+const GAUGE_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Publishes the gauges every [`GAUGE_INTERVAL`] until the server stops.
+async fn publish_gauges(app: Arc<App>, mut stop: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(GAUGE_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.changed() => break,
+            _ = tick.tick() => app.publish_gauges(),
+        }
+    }
+}
+
 /// Serves both ports until `shutdown` resolves, then stops gracefully. Returns when every connection
 /// has finished or `shutdown_grace` ran out, and the result-store writes were flushed.
 pub async fn run(
@@ -38,7 +58,12 @@ pub async fn run(
 ) -> std::io::Result<()> {
     let grace = app.config.shutdown_grace;
     let (stop_tx, stop_rx) = watch::channel(false);
+    // The status port has its own stop signal, its own connection tracker and its own small
+    // connection cap: it keeps answering through the drain (so probes read 503 from `/ready` instead
+    // of a refused connection), and image traffic filling `max_connections` cannot starve probes.
+    let (status_stop_tx, status_stop_rx) = watch::channel(false);
     let graceful = Arc::new(GracefulShutdown::new());
+    let status_graceful = Arc::new(GracefulShutdown::new());
     let limit = Arc::new(Semaphore::new(app.config.max_connections.max(1)));
 
     let image = tokio::spawn(accept_loop(
@@ -54,20 +79,18 @@ pub async fn run(
             app.clone(),
             l,
             Port::Status,
-            stop_rx.clone(),
-            graceful.clone(),
-            limit.clone(),
+            status_stop_rx.clone(),
+            status_graceful.clone(),
+            Arc::new(Semaphore::new(STATUS_MAX_CONNECTIONS)),
         ))
     });
+    let gauges = tokio::spawn(publish_gauges(app.clone(), status_stop_rx.clone()));
 
     shutdown.await;
     tracing::info!("shutting down: refusing new work, finishing in-flight requests");
     app.shutting_down.store(true, Ordering::Release);
     let _ = stop_tx.send(true);
     let _ = image.await;
-    if let Some(s) = status {
-        let _ = s.await;
-    }
     let graceful = Arc::try_unwrap(graceful).unwrap_or_else(|_| GracefulShutdown::new());
     if tokio::time::timeout(grace, graceful.shutdown())
         .await
@@ -83,6 +106,15 @@ pub async fn run(
             );
         }
     }
+    let _ = status_stop_tx.send(true);
+    if let Some(s) = status {
+        let _ = s.await;
+    }
+    let _ = gauges.await;
+    let status_graceful =
+        Arc::try_unwrap(status_graceful).unwrap_or_else(|_| GracefulShutdown::new());
+    // Status answers are instant; a probe connection still open is closed after its current request.
+    let _ = tokio::time::timeout(Duration::from_secs(1), status_graceful.shutdown()).await;
     tracing::info!("stopped");
     Ok(())
 }

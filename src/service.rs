@@ -103,18 +103,28 @@ impl App {
         let method = req.method().clone();
         let path = req.uri().path().to_owned();
         let result = self.answer(&req).await;
-        let (response, tier) = match result {
-            Ok((response, tier)) => (response, Some(tier)),
+        let (response, tier, kind) = match result {
+            Ok((response, tier)) => (response, Some(tier), None),
             Err(err) => {
-                m::incr(m::IMAGE_REQUEST_FAIL);
                 m::incr_with(m::REJECTED, err.kind());
+                // The cause chain, once, at the boundary (STYLE rule 3). 4xx causes are the client's
+                // or the original's and their kind on the request line below says all there is.
                 if err.status().is_server_error() {
                     tracing::warn!(error = %err, kind = err.kind(), "request failed");
                 }
-                (self.error_response(&err, method == Method::HEAD), None)
+                (
+                    self.error_response(&err, method == Method::HEAD),
+                    None,
+                    Some(err.kind()),
+                )
             }
         };
         let status = response.status().as_u16();
+        // Decided by the status actually sent (SPEC §6 "answered with an error status"), so a
+        // response that failed to build and became a 500 counts too, and a 304 never does.
+        if status >= 400 {
+            m::incr(m::IMAGE_REQUEST_FAIL);
+        }
         m::incr_with(m::RESPONSE_STATUS, &status.to_string());
         m::time(m::TIME_TOTAL, started.elapsed());
         let bytes = response
@@ -135,6 +145,7 @@ impl App {
             status,
             bytes = %bytes,
             cache = tier.map(Tier::as_str).unwrap_or("-"),
+            error = kind.unwrap_or("-"),
             ms = started.elapsed().as_millis() as u64,
             "request"
         );
@@ -269,6 +280,15 @@ impl App {
         })
     }
 
+    /// Sets the `processing.current`, `downloads.current` and `queue.depth` gauges from the live
+    /// counters (on every `/metrics` scrape, and once a second from the server for statsd).
+    pub fn publish_gauges(&self) {
+        let stats = self.pipeline.stats();
+        m::gauge(m::PROCESSING_CURRENT, stats.processing_current as f64);
+        m::gauge(m::DOWNLOADS_CURRENT, stats.downloads_current as f64);
+        m::gauge(m::QUEUE_DEPTH, stats.queue_depth as f64);
+    }
+
     /// Answers one request on the status port.
     pub async fn handle_status<B>(self: Arc<Self>, req: Request<B>) -> Response<Body> {
         let path = req.uri().path().to_owned();
@@ -309,11 +329,15 @@ impl App {
                     (StatusCode::OK, "text/plain", "ready\n".to_owned())
                 }
             }
-            (&Method::GET, "/metrics") => (
-                StatusCode::OK,
-                "text/plain; version=0.0.4",
-                m::prometheus().map(|h| h.render()).unwrap_or_default(),
-            ),
+            (&Method::GET, "/metrics") => {
+                // Gauges are read at scrape time, not whenever a render last ended.
+                self.publish_gauges();
+                (
+                    StatusCode::OK,
+                    "text/plain; version=0.0.4",
+                    m::prometheus().map(|h| h.render()).unwrap_or_default(),
+                )
+            }
             (&Method::POST, p) if p.starts_with("/purge/") => self.purge(&req, p),
             _ => (
                 StatusCode::NOT_FOUND,

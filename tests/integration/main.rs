@@ -2,6 +2,7 @@
 //! `support.rs`) and talks to it over loopback HTTP. Nothing here sends a packet off this machine.
 
 mod caching;
+mod cdn;
 mod seaweed;
 mod serve;
 mod support;
