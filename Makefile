@@ -4,7 +4,7 @@
 CARGO ?= cargo
 DEPS := scripts/install-deps.sh
 
-.PHONY: help run test bench fmt fmt-check lint doc check fuzz samples deps
+.PHONY: help run test bench bench-micro fmt fmt-check lint doc check fuzz samples deps
 
 ## help: list the targets (the default)
 help:
@@ -20,8 +20,13 @@ test:
 	$(DEPS) test
 	$(CARGO) test --all-targets
 
-## bench: criterion benchmarks
+## bench: load benchmark of the release server on loopback, one table (BENCH_QUICK=1: 2 s smoke run)
 bench:
+	$(DEPS) build bench
+	scripts/bench.sh
+
+## bench-micro: criterion benchmarks of the render and the URL parser
+bench-micro:
 	$(DEPS) build
 	$(CARGO) bench --bench render --bench parse
 

@@ -7,7 +7,8 @@
 #   build   libvips-dev: all that `cargo build` / `make run` need beyond a Rust toolchain
 #   test    build + what the tests use: vips CLI, djpeg, exiftool, nginx (the simulated CDN),
 #           SeaweedFS (S3 server), Pillow, Etsy statsd
-#   bench   nginx-light and wrk (load generator and the static-file comparison)
+#   bench   what scripts/bench.sh uses: wrk (load generator), nginx-light (the static-file
+#           comparison), vips CLI (its originals) and djpeg (the decode floor)
 #   all     everything above (the default)
 # Finer parts, for a machine that has some of it already: apt, pip, npm.
 #   e.g. `scripts/install-deps.sh apt` installs every Debian package and skips PyPI and npm.
@@ -19,7 +20,7 @@ apt_build=(libvips-dev)
 # `exiftool` on Debian 12 is the package libimage-exiftool-perl (the short name is only virtual,
 # which dpkg cannot query).
 apt_test=(libvips-dev libvips-tools libjpeg-turbo-progs libimage-exiftool-perl nginx-light)
-apt_bench=(nginx-light wrk)
+apt_bench=(nginx-light wrk libvips-tools libjpeg-turbo-progs)
 
 want_apt=()
 want_pip=0

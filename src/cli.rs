@@ -168,7 +168,8 @@ pub struct WarmArgs {
     #[arg(long, value_name = "LIST", value_delimiter = ',', required = true)]
     pub versions: Vec<String>,
 
-    /// Renders at once (0 = number of CPU cores).
+    /// Variants worked on at once (0 = `processing_concurrency`, the number of cores by default;
+    /// capped at what the processing pool and its queue admit).
     #[arg(long, value_name = "N", default_value_t = 0)]
     pub jobs: usize,
 

@@ -26,4 +26,5 @@ pub mod pipeline;
 pub mod request;
 pub mod server;
 pub mod service;
+pub mod signature;
 pub mod source;

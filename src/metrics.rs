@@ -39,11 +39,14 @@ pub const CACHE_REMOTE_WRITE_FAIL: &str = "cache.remote.write_fail";
 pub const COALESCED: &str = "coalesced";
 /// Prefix of `rejected.{reason}`: requests refused, by reason.
 pub const REJECTED: &str = "rejected";
-/// Timer (ms): fetching an original.
+/// Prefix of `purge.{outcome}`: status-port purge calls (`ok`, `unauthorized`, `bad_id`, `disabled`,
+/// `failed`).
+pub const PURGE: &str = "purge";
+/// Timer: fetching an original (statsd `|ms`; Prometheus seconds).
 pub const TIME_FETCH: &str = "time.fetch";
-/// Timer (ms): rendering a variant (queue wait included).
+/// Timer: rendering a variant, queue wait included (statsd `|ms`; Prometheus seconds).
 pub const TIME_PROCESS: &str = "time.process";
-/// Timer (ms): a whole image request.
+/// Timer: a whole image request (statsd `|ms`; Prometheus seconds).
 pub const TIME_TOTAL: &str = "time.total";
 /// Gauge: renders running now.
 pub const PROCESSING_CURRENT: &str = "processing.current";
@@ -95,13 +98,17 @@ pub const COUNTERS: &[(&str, &str)] = &[
     ),
     (COALESCED, "a request shared another request's load"),
     (REJECTED, "requests refused, by reason: rejected.{reason}"),
+    (
+        PURGE,
+        "status-port purge calls, by outcome: purge.{ok,unauthorized,bad_id,disabled,failed}",
+    ),
 ];
 
 /// Every timer and gauge name with its description.
 pub const TIMERS_AND_GAUGES: &[(&str, &str)] = &[
-    (TIME_FETCH, "ms to fetch an original"),
-    (TIME_PROCESS, "ms to render a variant, queue wait included"),
-    (TIME_TOTAL, "ms for a whole image request"),
+    (TIME_FETCH, "time to fetch an original"),
+    (TIME_PROCESS, "time to render a variant, queue included"),
+    (TIME_TOTAL, "time for a whole image request"),
     (PROCESSING_CURRENT, "renders running now"),
     (DOWNLOADS_CURRENT, "original downloads running now"),
     (QUEUE_DEPTH, "renders waiting for a pool slot"),
@@ -164,7 +171,7 @@ pub fn describe() {
     }
     for (name, help) in TIMERS_AND_GAUGES {
         if name.starts_with("time.") {
-            metrics::describe_histogram!(*name, metrics::Unit::Milliseconds, *help);
+            metrics::describe_histogram!(*name, metrics::Unit::Seconds, *help);
         } else {
             metrics::describe_gauge!(*name, *help);
         }
@@ -181,12 +188,66 @@ pub fn incr_with(prefix: &'static str, suffix: &str) {
     metrics::counter!(format!("{prefix}.{suffix}")).increment(1);
 }
 
-/// Records a duration in milliseconds.
+/// Records a duration. The value is in seconds, the `metrics` convention: the statsd exporter
+/// converts it to the `|ms` integer on the wire (it multiplies by 1000; recording milliseconds here
+/// sent timers 1000× too large) and Prometheus expects seconds.
 pub fn time(name: &'static str, elapsed: std::time::Duration) {
-    metrics::histogram!(name).record(elapsed.as_secs_f64() * 1000.0);
+    metrics::histogram!(name).record(elapsed.as_secs_f64());
 }
 
 /// Sets a gauge (the statsd exporter drops increment/decrement on gauges, so always set).
 pub fn gauge(name: &'static str, value: f64) {
     metrics::gauge!(name).set(value);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Operators read README.md's Metrics table: every name here must be in it, in backticks (a
+    /// name emitted only with a suffix, such as `response.status`, as `response.status.{…}`), and so
+    /// must every `{name}.{…}` form a description mentions.
+    #[test]
+    fn readme_lists_every_metric() {
+        let readme = include_str!("../README.md");
+        let section = readme
+            .split("\n## Metrics\n")
+            .nth(1)
+            .and_then(|s| s.split("\n## ").next())
+            .expect("README.md has a Metrics section");
+        for (name, help) in COUNTERS.iter().chain(TIMERS_AND_GAUGES) {
+            assert!(
+                section.contains(&format!("| `{name}` |"))
+                    || section.contains(&format!("| `{name}.{{")),
+                "README.md Metrics table lacks `{name}`"
+            );
+            // `image_request.{ext}` in a description needs its own row; an enumeration such as
+            // `purge.{ok,…}` is covered by the `{name}.{` row above.
+            for word in help.split_whitespace() {
+                let Some(rest) = word.strip_prefix(&format!("{name}.{{")) else {
+                    continue;
+                };
+                let placeholder = rest.split('}').next().unwrap_or(rest);
+                if !placeholder.contains(',') {
+                    let form = format!("{name}.{{{placeholder}}}");
+                    assert!(
+                        section.contains(&format!("| `{form}` |")),
+                        "README.md Metrics table lacks `{form}`"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn names_are_graphite_safe() {
+        for (name, _) in COUNTERS.iter().chain(TIMERS_AND_GAUGES) {
+            assert!(
+                name.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b == b'_' || b == b'.'),
+                "{name}"
+            );
+            assert!(!name.starts_with('.') && !name.ends_with('.'), "{name}");
+        }
+    }
 }

@@ -21,7 +21,8 @@ use crate::config::Config;
 use crate::error::Error;
 use crate::image::{Processor, RenderSpec};
 use crate::metrics as m;
-use crate::request::{DefaultQuality, Format, ImageRequest};
+use crate::request::{CacheKey, DefaultQuality, Format, ImageRequest};
+use crate::source::guard::{SourceGuard, SourceUrl};
 use crate::source::{Source, SourceError};
 
 /// How long a downloaded original stays in memory without being asked for again. Replaced images
@@ -45,6 +46,8 @@ struct Inner {
     downloads: Semaphore,
     downloads_current: AtomicUsize,
     downloads_total: AtomicU64,
+    /// The `?source=` override's rules and client; `None` refuses every override.
+    overrides: Option<SourceGuard>,
 }
 
 /// What answered a request.
@@ -103,14 +106,28 @@ impl Pipeline {
                 originals,
                 downloads_current: AtomicUsize::new(0),
                 downloads_total: AtomicU64::new(0),
+                overrides: None,
             }),
         }
     }
 
     /// Answers one parsed request rendered as `format` (the URL's, or the one `auto_format` picked).
     pub async fn serve(&self, req: &ImageRequest, format: Format) -> Result<Served, Error> {
+        self.serve_from(req, format, None).await
+    }
+
+    /// Like [`Pipeline::serve`], with the original taken from a checked `?source=` URL when `source`
+    /// is given (SPEC §9). Such a request has caches of its own: the result key carries the URL's
+    /// digest, the originals cache is keyed by the URL and the negative entry by both, so it never
+    /// answers for, nor is answered by, the id's own original.
+    pub async fn serve_from(
+        &self,
+        req: &ImageRequest,
+        format: Format,
+        source: Option<&SourceUrl>,
+    ) -> Result<Served, Error> {
         let inner = &self.inner;
-        let key = req.cache_key(format);
+        let key = result_key(req, format, source);
         if let Some(variant) = inner.memory.get(&key).await {
             m::incr(m::CACHE_MEMORY_HIT);
             return Ok(Served {
@@ -119,11 +136,14 @@ impl Pipeline {
             });
         }
         m::incr(m::CACHE_MEMORY_MISS);
-        let original = req.original_id();
+        let original = match source {
+            Some(s) => format!("{}/source-{}", req.original_id(), s.digest()),
+            None => req.original_id(),
+        };
         if inner.memory.is_not_found(&original).await {
             return Err(SourceError::NotFound.into());
         }
-        let load = Inner::load(self.inner.clone(), req.clone(), format);
+        let load = Inner::load(self.inner.clone(), req.clone(), format, source.cloned());
         match inner.memory.get_or_load(key, load).await {
             Ok((variant, outcome)) => {
                 if outcome == Outcome::Shared {
@@ -157,12 +177,27 @@ impl Pipeline {
         {
             return Ok(false);
         }
-        let variant = inner.render(req, req.format).await?;
+        let variant = inner.render(req, req.format, None).await?;
         remote
             .put(&key, &variant)
             .await
             .map_err(|e| Error::Internal(e.to_string()))?;
         Ok(true)
+    }
+
+    /// Installs the `?source=` guard (`App::new` from the config; tests with a loopback resolver).
+    /// Only before the pipeline is shared: fails once a clone of it exists.
+    pub fn set_source_guard(&mut self, guard: Option<SourceGuard>) -> Result<(), Error> {
+        let inner = Arc::get_mut(&mut self.inner).ok_or_else(|| {
+            Error::Internal("source guard set after the pipeline was shared".into())
+        })?;
+        inner.overrides = guard;
+        Ok(())
+    }
+
+    /// The `?source=` guard, when overrides are enabled.
+    pub fn source_guard(&self) -> Option<&SourceGuard> {
+        self.inner.overrides.as_ref()
     }
 
     /// The memory tier (status page, purge).
@@ -173,6 +208,12 @@ impl Pipeline {
     /// The remote tier, if configured.
     pub fn remote(&self) -> Option<&RemoteStore> {
         self.inner.remote.as_ref()
+    }
+
+    /// Applies the originals cache's pending bookkeeping, so [`Pipeline::originals_usage`] is exact
+    /// (moka updates its counts lazily: a fresh download would otherwise show as 0 entries).
+    pub async fn sync_originals(&self) {
+        self.inner.originals.run_pending_tasks().await;
     }
 
     /// The originals cache: entries and bytes.
@@ -218,8 +259,9 @@ impl Inner {
         this: Arc<Inner>,
         req: ImageRequest,
         format: Format,
+        source: Option<SourceUrl>,
     ) -> Result<Arc<Variant>, Error> {
-        let key = req.cache_key(format);
+        let key = result_key(&req, format, source.as_ref());
         if let Some(remote) = &this.remote {
             match remote.get(&key).await {
                 Ok(Some(variant)) => return Ok(Arc::new(variant)),
@@ -228,7 +270,7 @@ impl Inner {
                 Err(e) => tracing::warn!(error = %e, "result store read failed; rendering"),
             }
         }
-        let variant = Arc::new(this.render(&req, format).await?);
+        let variant = Arc::new(this.render(&req, format, source.as_ref()).await?);
         if let Some(remote) = &this.remote {
             remote.enqueue(key, variant.clone());
         }
@@ -236,8 +278,13 @@ impl Inner {
     }
 
     /// Fetches the original (shared) and renders it in the pool.
-    async fn render(&self, req: &ImageRequest, format: Format) -> Result<Variant, Error> {
-        let original = self.original(req).await?;
+    async fn render(
+        &self,
+        req: &ImageRequest,
+        format: Format,
+        source: Option<&SourceUrl>,
+    ) -> Result<Variant, Error> {
+        let original = self.original(req, source).await?;
         let spec = RenderSpec {
             version: req.version,
             format,
@@ -257,7 +304,7 @@ impl Inner {
             Ok(r) => r,
             Err(e) => {
                 // A failed request leaves nothing behind: not even the original's bytes.
-                self.originals.invalidate(&req.original_id()).await;
+                self.originals.invalidate(&originals_key(req, source)).await;
                 return Err(e.into());
             }
         };
@@ -276,8 +323,12 @@ impl Inner {
     }
 
     /// The original's bytes: from the originals cache, or one download shared by every caller.
-    async fn original(&self, req: &ImageRequest) -> Result<Bytes, Error> {
-        let id = req.original_id();
+    async fn original(
+        &self,
+        req: &ImageRequest,
+        source: Option<&SourceUrl>,
+    ) -> Result<Bytes, Error> {
+        let id = originals_key(req, source);
         let fetch = async {
             let _permit = self
                 .downloads
@@ -288,7 +339,12 @@ impl Inner {
             let current = self.downloads_current.fetch_add(1, Ordering::Relaxed) + 1;
             m::gauge(m::DOWNLOADS_CURRENT, current as f64);
             let started = Instant::now();
-            let result = self.source.fetch(req).await;
+            let result = match (source, &self.overrides) {
+                (None, _) => self.source.fetch(req).await.map_err(Error::from),
+                (Some(s), Some(guard)) => guard.fetch(s).await,
+                // The service checks first; this keeps a missing guard fail-closed.
+                (Some(_), None) => Err(Error::SourceRefused),
+            };
             let current = self.downloads_current.fetch_sub(1, Ordering::Relaxed) - 1;
             m::gauge(m::DOWNLOADS_CURRENT, current as f64);
             m::time(m::TIME_FETCH, started.elapsed());
@@ -297,14 +353,13 @@ impl Inner {
                     m::incr(m::ORIGINAL_DOWNLOADED);
                     Ok(bytes)
                 }
-                Err(e) => {
-                    if matches!(
-                        e,
-                        SourceError::NotFound | SourceError::Upstream(_) | SourceError::Timeout
-                    ) {
+                Err(err) => {
+                    // Missing (404/410), failed (5xx, reset, truncated) or too slow: the source could
+                    // not deliver. Over max_source_bytes is the original's fault, not the source's.
+                    if err.is_original_unavailable() {
                         m::incr(m::ORIGINAL_UNAVAILABLE);
                     }
-                    Err(Error::from(e))
+                    Err(err)
                 }
             }
         };
@@ -312,5 +367,21 @@ impl Inner {
             .try_get_with(id, fetch)
             .await
             .map_err(|shared| (*shared).clone())
+    }
+}
+
+/// The result-cache key: the id's own, or one carrying the `?source=` URL's digest.
+fn result_key(req: &ImageRequest, format: Format, source: Option<&SourceUrl>) -> CacheKey {
+    match source {
+        Some(s) => req.source_cache_key(format, s.digest()),
+        None => req.cache_key(format),
+    }
+}
+
+/// The originals-cache key: the id, or the `?source=` URL itself.
+fn originals_key(req: &ImageRequest, source: Option<&SourceUrl>) -> String {
+    match source {
+        Some(s) => s.originals_key(),
+        None => req.original_id(),
     }
 }

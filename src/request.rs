@@ -355,10 +355,32 @@ impl ImageRequest {
         ))
     }
 
+    /// The cache key for this request rendered as `format` from a `?source=` original whose URL
+    /// digest is `source_digest`: `{model}/{type}/{id}/source-{digest}/{canonical}`. It never equals
+    /// an id's own key (an override cannot poison the normal entry), and purging the id still drops it.
+    pub fn source_cache_key(&self, format: Format, source_digest: &str) -> CacheKey {
+        CacheKey(format!(
+            "{}/source-{}/{}",
+            self.original_id(),
+            source_digest,
+            self.canonical_name(format)
+        ))
+    }
+
     /// The quality to encode with: the URL's, else the format's default.
     pub fn effective_quality(&self, format: Format, defaults: &DefaultQuality) -> u8 {
         self.quality.unwrap_or_else(|| defaults.for_format(format))
     }
+}
+
+/// Every value of the query parameter `name`, percent- and `+`-decoded (as a browser encodes a
+/// form), in order. Names are compared after decoding, so `sour%63e=` is `source=`: the parameters a
+/// check looks at are the ones the request means. Empty when absent.
+pub fn query_values(query: Option<&str>, name: &str) -> Vec<String> {
+    url::form_urlencoded::parse(query.unwrap_or("").as_bytes())
+        .filter(|(k, _)| k == name)
+        .map(|(_, v)| v.into_owned())
+        .collect()
 }
 
 /// `[a-z0-9_-]` (model, type) or `[A-Za-z0-9_-]` (id), 1..=max bytes.
@@ -440,6 +462,31 @@ mod tests {
     fn key(p: &str) -> String {
         let r = parse(p).expect(p);
         r.cache_key(r.format).to_string()
+    }
+
+    #[test]
+    fn query_values_decode_names_and_values() {
+        let q = Some("a=1&source=http%3A%2F%2Fx%2Fa+b.jpg&sour%63e=2&sources=3&source");
+        assert_eq!(
+            query_values(q, "source"),
+            vec!["http://x/a b.jpg".to_owned(), "2".to_owned(), String::new()]
+        );
+        assert_eq!(query_values(q, "a"), vec!["1".to_owned()]);
+        assert!(query_values(q, "s").is_empty());
+        assert!(query_values(None, "source").is_empty());
+    }
+
+    #[test]
+    fn source_keys_never_equal_the_ids_own() {
+        let r = ImageRequest::parse("/p/i/1/w300.jpg", &Rules::default()).expect("parses");
+        let own = r.cache_key(Format::Jpeg);
+        let other = r.source_cache_key(Format::Jpeg, "0123456789abcdef0123456789abcdef");
+        assert_eq!(own.as_str(), "p/i/1/w300.jpg");
+        assert_eq!(
+            other.as_str(),
+            "p/i/1/source-0123456789abcdef0123456789abcdef/w300.jpg"
+        );
+        assert!(other.as_str().starts_with("p/i/1/"));
     }
 
     #[test]

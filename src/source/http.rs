@@ -4,7 +4,7 @@
 //! One shared `reqwest` client (connection reuse across requests) with a connect timeout, no proxy
 //! taken from the environment, and no redirects: `source_domain` is our own origin, so a 3xx is a
 //! misconfiguration reported as 502 rather than a hop to wherever it points. `?source=` overrides
-//! with checked redirects are a separate concern (SPEC §9).
+//! with checked redirects are a separate concern (SPEC §9, [`super::guard`]), sharing [`fetch_with`].
 //!
 //! The limits are enforced here, not trusted to the origin: the whole exchange (headers and body)
 //! runs under one `fetch_timeout` deadline, and the body is counted chunk by chunk so an origin
@@ -102,51 +102,7 @@ impl HttpSource {
 
     /// The exchange itself, without the deadline (the caller owns it).
     async fn fetch_url(&self, url: url::Url) -> Result<Bytes, SourceError> {
-        let mut resp = self
-            .client
-            .get(url)
-            // Without the gzip feature reqwest would not decode anyway; saying so keeps origins
-            // from compressing, and the byte limit counts what travels on the wire.
-            .header(reqwest::header::ACCEPT_ENCODING, "identity")
-            .send()
-            .await
-            .map_err(map_reqwest)?;
-
-        let status = resp.status();
-        if status == StatusCode::NOT_FOUND || status == StatusCode::GONE {
-            return Err(SourceError::NotFound);
-        }
-        if !status.is_success() {
-            return Err(SourceError::Upstream(format!("origin answered {status}")));
-        }
-
-        let max = self.limits.max_bytes;
-        let declared = resp.content_length();
-        // Refuse early on an honest declaration; a dishonest one is caught while streaming.
-        if declared.is_some_and(|n| n > max) {
-            return Err(SourceError::TooLarge);
-        }
-
-        // Keep chunks rather than appending into one buffer: a small original usually arrives as
-        // a single chunk, which is then returned without a copy.
-        let mut chunks: Vec<Bytes> = Vec::new();
-        let mut total: u64 = 0;
-        while let Some(chunk) = resp.chunk().await.map_err(map_reqwest)? {
-            total = total.saturating_add(chunk.len() as u64);
-            if total > max {
-                return Err(SourceError::TooLarge);
-            }
-            chunks.push(chunk);
-        }
-        if let Some(n) = declared {
-            // hyper already fails a short fixed-length body; this keeps the rule local and explicit.
-            if total != n {
-                return Err(SourceError::Upstream(format!(
-                    "truncated body: {total} of {n} bytes"
-                )));
-            }
-        }
-        Ok(join_chunks(chunks, total))
+        fetch_with(&self.client, url, &self.limits, map_reqwest).await
     }
 
     /// The base URL without credentials (`https://cdn.example.com/originals`).
@@ -155,10 +111,65 @@ impl HttpSource {
     }
 }
 
+/// One GET of `url` with `client`, the body counted against `limits.max_bytes` while it streams.
+/// Shared by the configured origin and the `?source=` override ([`super::guard`]); the caller owns the
+/// deadline, and `map_err` sorts transport errors (the override also recognises its own refusals).
+pub(crate) async fn fetch_with<E: From<SourceError>>(
+    client: &reqwest::Client,
+    url: url::Url,
+    limits: &SourceLimits,
+    map_err: fn(reqwest::Error) -> E,
+) -> Result<Bytes, E> {
+    let mut resp = client
+        .get(url)
+        // Without the gzip feature reqwest would not decode anyway; saying so keeps origins
+        // from compressing, and the byte limit counts what travels on the wire.
+        .header(reqwest::header::ACCEPT_ENCODING, "identity")
+        .send()
+        .await
+        .map_err(map_err)?;
+
+    let status = resp.status();
+    if status == StatusCode::NOT_FOUND || status == StatusCode::GONE {
+        return Err(SourceError::NotFound.into());
+    }
+    if !status.is_success() {
+        return Err(SourceError::Upstream(format!("origin answered {status}")).into());
+    }
+
+    let max = limits.max_bytes;
+    let declared = resp.content_length();
+    // Refuse early on an honest declaration; a dishonest one is caught while streaming.
+    if declared.is_some_and(|n| n > max) {
+        return Err(SourceError::TooLarge.into());
+    }
+
+    // Keep chunks rather than appending into one buffer: a small original usually arrives as
+    // a single chunk, which is then returned without a copy.
+    let mut chunks: Vec<Bytes> = Vec::new();
+    let mut total: u64 = 0;
+    while let Some(chunk) = resp.chunk().await.map_err(map_err)? {
+        total = total.saturating_add(chunk.len() as u64);
+        if total > max {
+            return Err(SourceError::TooLarge.into());
+        }
+        chunks.push(chunk);
+    }
+    if let Some(n) = declared {
+        // hyper already fails a short fixed-length body; this keeps the rule local and explicit.
+        if total != n {
+            return Err(
+                SourceError::Upstream(format!("truncated body: {total} of {n} bytes")).into(),
+            );
+        }
+    }
+    Ok(join_chunks(chunks, total))
+}
+
 /// Sorts a transport error: a timeout (connect or otherwise) is 504, everything else (refused,
 /// reset, truncated, protocol error) is 502. The URL is dropped from the message: it may carry
 /// credentials and the caller logs which original failed anyway.
-fn map_reqwest(err: reqwest::Error) -> SourceError {
+pub(crate) fn map_reqwest(err: reqwest::Error) -> SourceError {
     if err.is_timeout() {
         return SourceError::Timeout;
     }

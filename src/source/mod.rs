@@ -12,6 +12,7 @@
 //! Single-flight per original and the originals memory cache live in the pipeline, not here: this
 //! module performs exactly one fetch per call.
 
+pub mod guard;
 pub mod http;
 pub mod object;
 

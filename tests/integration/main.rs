@@ -3,6 +3,12 @@
 
 mod caching;
 mod cdn;
+mod faults;
+mod hostile;
+mod operations;
+mod raw;
 mod seaweed;
 mod serve;
+mod source_override;
 mod support;
+mod telemetry;

@@ -31,6 +31,14 @@ pub enum Reply {
     Status(u16),
     /// Accept the request and never answer.
     Hang,
+    /// 302 to this `Location`.
+    Redirect(String),
+    /// 200 with these bytes and this `Content-Type` / `Content-Encoding` (empty: header left out).
+    Typed {
+        body: Bytes,
+        content_type: &'static str,
+        content_encoding: &'static str,
+    },
 }
 
 /// A loopback HTTP origin with scripted replies that counts every request it receives.
@@ -107,6 +115,25 @@ impl Origin {
                 .status(StatusCode::from_u16(s).expect("status"))
                 .body(Full::new(Bytes::from_static(b"origin says no")))
                 .expect("response"),
+            Some(Reply::Redirect(location)) => Response::builder()
+                .status(302)
+                .header("location", location)
+                .body(Full::new(Bytes::new()))
+                .expect("response"),
+            Some(Reply::Typed {
+                body,
+                content_type,
+                content_encoding,
+            }) => {
+                let mut b = Response::builder();
+                if !content_type.is_empty() {
+                    b = b.header("content-type", content_type);
+                }
+                if !content_encoding.is_empty() {
+                    b = b.header("content-encoding", content_encoding);
+                }
+                b.body(Full::new(body)).expect("response")
+            }
             Some(Reply::Hang) => {
                 std::future::pending::<()>().await;
                 unreachable!()
@@ -132,6 +159,24 @@ impl Origin {
             .lock()
             .expect("lock")
             .insert(format!("/{original}/original.jpg"), reply);
+    }
+
+    /// Scripts a reply for an exact request path (`/x/y.jpg`).
+    pub fn script_path(&self, path: &str, reply: Reply) {
+        self.replies
+            .lock()
+            .expect("lock")
+            .insert(path.to_owned(), reply);
+    }
+
+    /// Requests received for an exact path.
+    pub fn path_hits(&self, path: &str) -> usize {
+        self.hits
+            .lock()
+            .expect("lock")
+            .get(path)
+            .copied()
+            .unwrap_or(0)
     }
 
     /// Delay before every answer.

@@ -1,0 +1,456 @@
+#!/usr/bin/env bash
+# Load benchmark of the release server on loopback (`make bench`). Prints one table.
+#
+# Builds target/release/image-server, generates grainy q90 JPEG originals with the vips CLI (the same
+# recipe as the `photo` fixture in src/image/vips.rs, so these numbers line up with `make bench-micro`
+# and PLATFORM.md), and runs each workload against a freshly started server (so peak RSS is per
+# workload) whose originals are a temporary directory (`source_store = "file://…"`):
+#
+#   W1 fit      3000x2000 q90 -> w300-q80.jpg (300x200), 8 and 32 connections
+#   W2 cover    same original -> 300x400-q80.jpg, 8 connections
+#   W3 large    6000x4000 q90 -> 300x400-q80.jpg, 8 connections
+#   W4 formats  W1 as .webp and as .avif, 8 connections
+#   W5 hits     one ~30 KB variant from the memory cache, 64 connections, next to nginx serving the same
+#               bytes as a static file (sendfile, one worker per core)
+#   W6 stampede 200 simultaneous requests for one cold key: one origin fetch and one render expected
+#   mixed       16 connections of valid cold JPEGs next to 16 connections of decoder bombs (a PNG whose
+#               header claims 100000x100000, a GIF frame at offset 60000,60000)
+#
+# Every render request names a different id (`/product/image/<n>/…`); all ids are hard links to one
+# original, so each is a distinct URL and cache key while the bytes come from the page cache. Render
+# workloads run with memory_cache_mb=0 and originals_cache_mb=0 (no result or original is kept; each
+# request fetches and renders) and queue_size=64 (above every connection count, so the numbers measure
+# rendering rather than 503 shedding; the extra "default queue" row shows what the default does).
+# W5 and W6 run with the default caches, as in production.
+#
+# Columns: req/s counts 2xx answers only; req/CPU-s and CPU ms/req use the server process's
+# utime+stime (/proc/PID/stat) over the wrk run, not wall time; cores = CPU-s per wall-s; p50/p99 come
+# from wrk's latency histogram; peak RSS is VmHWM, since that server started (warm-up included);
+# x floor = CPU per request / CPU of the bare decode, `djpeg -scale 1/8` (fit, large) or `-scale 1/4`
+# (cover), measured here over 50 runs.
+#
+# The load generator runs on the same machine (wrk, one thread) and takes CPU from the server: on a
+# 2-core box that costs the server a few percent at render rates and much more at W5's hit rates.
+#
+# Usage: scripts/bench.sh                 full run: 15 s per workload (+1 s warm-up), ~4 min in all
+#        BENCH_QUICK=1 scripts/bench.sh   smoke run: 2 s per workload, no warm-up, 10 floor runs
+#        BENCH_DURATION=N                 seconds per workload (overrides both)
+# The report also goes to target/bench/report.txt; generated originals are kept in target/bench/inputs
+# (delete it to regenerate). Needs: scripts/install-deps.sh build bench (wrk, nginx, djpeg, vips).
+set -euo pipefail
+
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+
+if [ "${BENCH_QUICK:-0}" = 1 ]; then
+    duration=${BENCH_DURATION:-2}
+    warmup=0
+    floor_runs=10
+else
+    duration=${BENCH_DURATION:-15}
+    warmup=1
+    floor_runs=50
+fi
+# Ids per original: more than any workload requests at these rates (ids wrap around after this, which
+# is harmless with the caches off, and the table says so when it happens).
+ids=20000
+bomb_ids=30000
+# wrk threads: one is plenty for these rates and leaves the cores to the server.
+wrk_threads=1
+
+for tool in wrk nginx djpeg vips vipsheader curl python3 cargo; do
+    command -v "$tool" >/dev/null || {
+        echo "bench: $tool missing (scripts/install-deps.sh build bench)" >&2
+        exit 1
+    }
+done
+
+bench_py() { python3 "$root/scripts/bench.py" "$@"; }
+say() { echo "bench: $*" >&2; }
+
+work="$(mktemp -d "${TMPDIR:-/tmp}/image-server-bench.XXXXXX")"
+# nginx workers run as an unprivileged user when the master is root: let them read the static file.
+chmod 755 "$work"
+started=() # every process this script starts; stopped on exit, whatever happens
+
+# Stops one process we started: TERM, then KILL after 5 s.
+stop() {
+    local pid=$1 i
+    kill -TERM "$pid" 2>/dev/null || return 0
+    for i in $(seq 50); do
+        kill -0 "$pid" 2>/dev/null || break
+        sleep 0.1
+    done
+    kill -KILL "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+}
+
+cleanup() {
+    set +e
+    local pid
+    for pid in "${started[@]}"; do stop "$pid"; done
+    rm -rf "$work"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# --- Build, inputs, floor -----------------------------------------------------------------------
+
+load_before="$(cut -d' ' -f1-3 /proc/loadavg)"
+say "building the release binary"
+cargo build --release --quiet --bin image-server
+bin="$root/target/release/image-server"
+
+inputs="$root/target/bench/inputs"
+mkdir -p "$inputs"
+
+# A grainy photo-like W×H q90 JPEG: the `photo` fixture of src/image/vips.rs in CLI form (x/y ramps,
+# shared grain sigma 7 seed 7, per-band chroma noise sigma 3 seeds 11–13; 4:4:4 at Q 90, stripped).
+#   photo_jpeg OUT W H
+photo_jpeg() {
+    local out=$1 w=$2 h=$3 gen="$work/gen"
+    mkdir -p "$gen"
+    (
+        cd "$gen"
+        vips xyz xy.v "$w" "$h"
+        vips linear xy.v rg.v "$(awk "BEGIN { print 255 / $w, 255 / $h }")" "0 0"
+        vips bandjoin_const rg.v base.v 128
+        rm xy.v rg.v
+        vips gaussnoise grain.v "$w" "$h" --sigma 7 --mean 0 --seed 7
+        vips add base.v grain.v s1.v
+        rm base.v grain.v
+        for i in 0 1 2; do vips gaussnoise "c$i.v" "$w" "$h" --sigma 3 --mean 0 --seed $((11 + i)); done
+        vips bandjoin "c0.v c1.v c2.v" chroma.v
+        rm c0.v c1.v c2.v
+        vips add s1.v chroma.v s2.v
+        rm s1.v chroma.v
+        vips cast s2.v s3.v uchar
+        vips copy s3.v s4.v --interpretation srgb
+        vips jpegsave s4.v "$out.tmp.jpg" --Q 90 --strip
+    )
+    mv "$out.tmp.jpg" "$out"
+    rm -rf "$gen"
+}
+
+big="$inputs/big-3000x2000-q90.jpg"
+large="$inputs/large-6000x4000-q90.jpg"
+[ -f "$big" ] || { say "generating $big"; photo_jpeg "$big" 3000 2000; }
+[ -f "$large" ] || { say "generating $large"; photo_jpeg "$large" 6000 4000; }
+
+say "originals: hard links for $ids ids each, bombs"
+src="$work/src"
+mkdir -p "$src"
+cp "$big" "$src/big.jpg"
+cp "$large" "$src/large.jpg"
+bench_py bombs "$src"
+bench_py links "$src" "$src/big.jpg" "" "$ids"
+bench_py links "$src" "$src/large.jpg" L "$ids"
+bench_py links "$src" "$src/png-bomb" pb "$bomb_ids"
+bench_py links "$src" "$src/gif-bomb" gb "$bomb_ids"
+ln "$src/big.jpg" "$src/hit"
+ln "$src/big.jpg" "$src/stampede"
+
+say "floor: djpeg CPU per image, $floor_runs runs each"
+floor_fit="$(bench_py floor "$big" 1/8 "$floor_runs")"
+floor_cover="$(bench_py floor "$big" 1/4 "$floor_runs")"
+floor_large="$(bench_py floor "$large" 1/8 "$floor_runs")"
+
+read -r port sport nport <<<"$(bench_py ports 3)"
+results="$work/results.jsonl"
+: >"$results"
+
+# --- Server -------------------------------------------------------------------------------------
+
+# The caller's IMAGE_SERVER_* variables and RUST_LOG would change the configuration under test.
+while read -r var; do unset "$var"; done < <(compgen -e | grep -E '^(IMAGE_SERVER_|RUST_LOG$)' || true)
+
+common=(
+    --set "source_store=\"file://$src\""
+    --set 'source_path="{id}"'
+    --set 'result_store="none"'
+    --set 'listen_address="127.0.0.1"'
+    --set "server_port=$port"
+    --set "status_port=$sport"
+    --set 'log_level="warn"'
+    --set 'shutdown_grace="2s"'
+)
+nocache=(--set memory_cache_mb=0 --set originals_cache_mb=0)
+bigqueue=(--set queue_size=64)
+
+server_pid=""
+# start_server NAME [--set KEY=VALUE]...: starts and waits for /ready (10 s at most).
+start_server() {
+    local name=$1 i
+    shift
+    "$bin" -e test "${common[@]}" "$@" serve >"$work/server-$name.log" 2>&1 &
+    server_pid=$!
+    started+=("$server_pid")
+    for i in $(seq 100); do
+        curl -sf -o /dev/null "http://127.0.0.1:$sport/ready" && return 0
+        if ! kill -0 "$server_pid" 2>/dev/null; then
+            say "the server exited at start-up ($name):"
+            cat "$work/server-$name.log" >&2
+            exit 1
+        fi
+        sleep 0.1
+    done
+    say "the server did not become ready in 10 s ($name)"
+    exit 1
+}
+
+stop_server() {
+    stop "$server_pid"
+    if grep -qiE 'error|panic' "$work/server-$1.log"; then
+        say "server log of $1 has errors (first lines):"
+        grep -iE 'error|panic' "$work/server-$1.log" | head -5 >&2
+    fi
+    server_pid=""
+}
+
+# Waits until nothing is rendering, queued or downloading, so a warm-up's tail is not billed to the
+# measured run.
+wait_idle() {
+    local i
+    for i in $(seq 150); do
+        [ "$(bench_py status "$sport" processing.current)" = 0 ] &&
+            [ "$(bench_py status "$sport" queue_depth)" = 0 ] &&
+            [ "$(bench_py status "$sport" downloads.current)" = 0 ] && return 0
+        sleep 0.1
+    done
+    say "warning: the server did not go idle in 15 s"
+}
+
+# --- wrk ----------------------------------------------------------------------------------------
+
+# counter_lua FILE SUFFIX PREFIX...: each request takes the next id n (1..ids, disjoint per wrk
+# thread) and the next prefix in turn: PREFIX<n>SUFFIX. The done() hook prints one `BENCH` line.
+counter_lua() {
+    local file=$1 suffix=$2 prefixes="" p
+    shift 2
+    for p in "$@"; do prefixes+="\"$p\", "; done
+    cat >"$file" <<EOF
+local prefixes = { $prefixes }
+local suffix = "$suffix"
+local modulo = $ids
+local threads = $wrk_threads
+local counter = 0
+local created = {}
+function setup(thread)
+  thread:set("tid", #created)
+  table.insert(created, thread)
+end
+function request()
+  local n = counter * threads + (tid or 0)
+  counter = counter + 1
+  local p = prefixes[(n % #prefixes) + 1]
+  local id = (math.floor(n / #prefixes) % modulo) + 1
+  return wrk.format("GET", p .. id .. suffix)
+end
+EOF
+    done_lua >>"$file"
+}
+
+# fixed_lua FILE PATH: every request is GET PATH.
+fixed_lua() {
+    cat >"$1" <<EOF
+local req = wrk.format("GET", "$2")
+function request() return req end
+EOF
+    done_lua >>"$1"
+}
+
+done_lua() {
+    cat <<'EOF'
+function done(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    "BENCH requests=%d duration_us=%d status_errors=%d socket_errors=%d p50_us=%d p99_us=%d\n",
+    summary.requests, summary.duration, e.status, e.connect + e.read + e.write + e.timeout,
+    latency:percentile(50), latency:percentile(99)))
+end
+EOF
+}
+
+# run_wrk CONNS LUA OUT PORT [SECONDS]
+run_wrk() {
+    wrk -t"$wrk_threads" -c"$1" -d"${5:-$duration}s" --timeout 10s --latency -s "$2" \
+        "http://127.0.0.1:$4/" >"$3" 2>&1 || {
+        say "wrk failed:"
+        cat "$3" >&2
+        exit 1
+    }
+}
+
+# probe URL: "WxH FORMAT, N KB" of one answer (checks the server really renders what we measure).
+probe() {
+    local out="$work/probe.bin" code
+    code="$(curl -s -o "$out" -w '%{http_code}' "$1")"
+    if [ "$code" != 200 ]; then
+        echo "status $code"
+        return
+    fi
+    vipsheader -f width "$out" | tr '\n' x
+    vipsheader -f height "$out" | tr '\n' ' '
+    vipsheader -f vips-loader "$out" | sed 's/load.*//' | tr '\n' ' '
+    awk "BEGIN { printf \"%.1f KB\", $(stat -c %s "$out") / 1024 }"
+}
+
+ids_note() { # wrk output file -> a note when the ids wrapped around
+    local n
+    n="$(sed -n 's/^BENCH requests=\([0-9]*\).*/\1/p' "$1")"
+    [ "${n:-0}" -gt "$ids" ] && echo "; ids reused after $ids" || true
+}
+
+# render_workload NAME CONNS PATH_PREFIX SUFFIX FLOOR_MS [SERVER ARGS...]
+render_workload() {
+    local name=$1 conns=$2 prefix=$3 suffix=$4 floor=$5 lua="$work/w.lua" out="$work/wrk.out"
+    local cpu0 cpu1 hwm note
+    shift 5
+    say "$name, $conns connections"
+    start_server "$name" "$@"
+    note="$(probe "http://127.0.0.1:$port$prefix$ids$suffix")"
+    counter_lua "$lua" "$suffix" "$prefix"
+    if [ "$warmup" = 1 ]; then
+        run_wrk "$conns" "$lua" "$out" "$port" 1
+        wait_idle
+    fi
+    cpu0="$(bench_py cpu "$server_pid")"
+    run_wrk "$conns" "$lua" "$out" "$port"
+    cpu1="$(bench_py cpu "$server_pid")"
+    wait_idle
+    hwm="$(bench_py hwm "$server_pid")"
+    note+="$(ids_note "$out")"
+    bench_py record name="$name" conns="$conns" wrk="$out" hwm_mb="$hwm" floor_ms="$floor" \
+        cpu_s="$(awk "BEGIN { print $cpu1 - $cpu0 }")" note="$note" >>"$results"
+    stop_server "$name"
+}
+
+# --- Workloads ----------------------------------------------------------------------------------
+
+p=/product/image/
+render_workload "W1 fit" 8 "$p" /w300-q80.jpg "$floor_fit" "${nocache[@]}" "${bigqueue[@]}"
+render_workload "W1 fit" 32 "$p" /w300-q80.jpg "$floor_fit" "${nocache[@]}" "${bigqueue[@]}"
+render_workload "W1 fit, default queue_size" 32 "$p" /w300-q80.jpg "$floor_fit" "${nocache[@]}"
+render_workload "W2 cover" 8 "$p" /300x400-q80.jpg "$floor_cover" "${nocache[@]}" "${bigqueue[@]}"
+render_workload "W3 large cover" 8 "${p}L" /300x400-q80.jpg "$floor_large" "${nocache[@]}" "${bigqueue[@]}"
+render_workload "W4 fit webp" 8 "$p" /w300-q80.webp "" "${nocache[@]}" "${bigqueue[@]}"
+render_workload "W4 fit avif" 8 "$p" /w300-q80.avif "" "${nocache[@]}" "${bigqueue[@]}"
+
+# W5: memory-cache hits against nginx serving the same bytes. w800 of the grainy original is ~30 KB.
+hit_path=/product/image/hit/w800-q80.jpg
+say "W5 hits, 64 connections (image-server, then nginx)"
+start_server w5
+mkdir -p "$work/static" "$work/nginx/tmp"
+chmod 755 "$work/static"
+curl -sf -o "$work/static/hit.jpg" "http://127.0.0.1:$port$hit_path"
+chmod 644 "$work/static/hit.jpg"
+x_cache="$(curl -sf -D - -o /dev/null "http://127.0.0.1:$port$hit_path" | tr -d '\r' |
+    sed -n 's/^[Xx]-[Cc]ache: //p')"
+hit_kb="$(awk "BEGIN { printf \"%.1f\", $(stat -c %s "$work/static/hit.jpg") / 1024 }")"
+fixed_lua "$work/hit.lua" "$hit_path"
+[ "$warmup" = 1 ] && run_wrk 64 "$work/hit.lua" "$work/wrk.out" "$port" 1
+cpu0="$(bench_py cpu "$server_pid")"
+run_wrk 64 "$work/hit.lua" "$work/w5-server.out" "$port"
+cpu1="$(bench_py cpu "$server_pid")"
+hwm="$(bench_py hwm "$server_pid")"
+bench_py record name="W5 hit, image-server" conns=64 wrk="$work/w5-server.out" hwm_mb="$hwm" \
+    cpu_s="$(awk "BEGIN { print $cpu1 - $cpu0 }")" \
+    note="$hit_kb KB from memory (X-Cache: ${x_cache:-?})" >>"$results"
+
+cores="$(nproc)"
+cat >"$work/nginx/nginx.conf" <<EOF
+worker_processes $cores;
+daemon off;
+pid $work/nginx/nginx.pid;
+error_log $work/nginx/error.log warn;
+events { worker_connections 1024; }
+http {
+    access_log off;
+    sendfile on;
+    tcp_nopush on;
+    keepalive_requests 1000000;
+    client_body_temp_path $work/nginx/tmp/body;
+    proxy_temp_path $work/nginx/tmp/proxy;
+    fastcgi_temp_path $work/nginx/tmp/fastcgi;
+    uwsgi_temp_path $work/nginx/tmp/uwsgi;
+    scgi_temp_path $work/nginx/tmp/scgi;
+    types { image/jpeg jpg; }
+    server {
+        listen 127.0.0.1:$nport;
+        root $work/static;
+    }
+}
+EOF
+nginx -p "$work/nginx/" -c "$work/nginx/nginx.conf" -e "$work/nginx/error.log" &
+nginx_pid=$!
+started+=("$nginx_pid")
+for i in $(seq 50); do
+    curl -sf -o /dev/null "http://127.0.0.1:$nport/hit.jpg" && break
+    kill -0 "$nginx_pid" 2>/dev/null || { cat "$work/nginx/error.log" >&2; exit 1; }
+    sleep 0.1
+done
+fixed_lua "$work/nginx.lua" /hit.jpg
+[ "$warmup" = 1 ] && run_wrk 64 "$work/nginx.lua" "$work/wrk.out" "$nport" 1
+cpu0="$(bench_py tree-cpu "$nginx_pid")"
+run_wrk 64 "$work/nginx.lua" "$work/w5-nginx.out" "$nport"
+cpu1="$(bench_py tree-cpu "$nginx_pid")"
+hwm="$(bench_py tree-hwm "$nginx_pid")"
+ratio="$(bench_py ratio "$work/w5-server.out" "$work/w5-nginx.out")"
+bench_py record name="W5 hit, nginx static" conns=64 wrk="$work/w5-nginx.out" hwm_mb="$hwm" \
+    cpu_s="$(awk "BEGIN { print $cpu1 - $cpu0 }")" \
+    note="same bytes, sendfile, $cores workers (RSS: largest process); $ratio" >>"$results"
+stop "$nginx_pid"
+stop_server w5
+
+# W6: one cold key, 200 requests at once, default caches.
+say "W6 stampede, 200 requests for one cold key"
+start_server w6
+bench_py stampede "$port" "$sport" /product/image/stampede/w300-q80.jpg 200 "$server_pid" >>"$results"
+stop_server w6
+
+# Mixed attack: two wrk processes at once, so the valid half has its own latency histogram.
+say "mixed: 16 connections of valid cold JPEGs + 16 of bombs"
+start_server mixed "${nocache[@]}" "${bigqueue[@]}"
+bomb_status="png $(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$port/product/image/pb1/w300-q80.jpg")"
+bomb_status+=", gif $(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$port/product/image/gb1/w300-q80.jpg")"
+counter_lua "$work/valid.lua" /w300-q80.jpg /product/image/
+counter_lua "$work/bombs.lua" /w300-q80.jpg /product/image/pb /product/image/gb
+if [ "$warmup" = 1 ]; then
+    run_wrk 16 "$work/valid.lua" "$work/wrk.out" "$port" 1
+    wait_idle
+fi
+cpu0="$(bench_py cpu "$server_pid")"
+run_wrk 16 "$work/bombs.lua" "$work/mixed-bombs.out" "$port" &
+bombs_pid=$!
+started+=("$bombs_pid")
+run_wrk 16 "$work/valid.lua" "$work/mixed-valid.out" "$port"
+wait "$bombs_pid"
+cpu1="$(bench_py cpu "$server_pid")"
+wait_idle
+hwm="$(bench_py hwm "$server_pid")"
+bench_py record name="mixed: valid half (W1 fit)" conns=16 wrk="$work/mixed-valid.out" \
+    hwm_mb="$hwm" floor_ms="$floor_fit" cpu_s="$(awk "BEGIN { print $cpu1 - $cpu0 }")" \
+    note="CPU columns: all server CPU (bombs too) per valid answer; compare W1 fit c=32" >>"$results"
+bench_py record name="mixed: bomb half" conns=16 wrk="$work/mixed-bombs.out" \
+    note="PNG 100000x100000 header / GIF frame at 60000,60000, alternating; status: $bomb_status" \
+    >>"$results"
+stop_server mixed
+
+# --- Report -------------------------------------------------------------------------------------
+
+mkdir -p "$root/target/bench"
+{
+    echo "image-server load benchmark, $(date -u '+%Y-%m-%d %H:%M UTC'), $(uname -n), $cores cores," \
+        "load average before the run: $load_before"
+    echo "binary: target/release/image-server $(git describe --always --dirty 2>/dev/null || echo '?');" \
+        "wrk -t$wrk_threads on the same machine, loopback; $duration s per workload" \
+        "$([ "$warmup" = 1 ] && echo '(+1 s warm-up)' || echo '(no warm-up: BENCH_QUICK)')"
+    echo "originals: $(vipsheader "$big" | sed 's/.*: //; s/,.*//') $(du -k "$big" | cut -f1) KB," \
+        "$(vipsheader "$large" | sed 's/.*: //; s/,.*//') $(du -k "$large" | cut -f1) KB (q90, 4:4:4, grainy)"
+    echo "floor (djpeg CPU per image, mean of $floor_runs): -scale 1/8 = $floor_fit ms (W1)," \
+        "-scale 1/4 = $floor_cover ms (W2), 6000x4000 -scale 1/8 = $floor_large ms (W3)"
+    echo "server: W1-W4 and mixed with memory_cache_mb=0 originals_cache_mb=0 queue_size=64" \
+        "(unless noted); W5, W6 with the defaults; restarted for each row (peak RSS is per row)"
+    echo
+    bench_py table "$results"
+} | tee "$root/target/bench/report.txt"
