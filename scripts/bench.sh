@@ -35,6 +35,8 @@
 # Usage: scripts/bench.sh                 full run: 15 s per workload (+1 s warm-up), ~4 min in all
 #        BENCH_QUICK=1 scripts/bench.sh   smoke run: 2 s per workload, no warm-up, 10 floor runs
 #        BENCH_DURATION=N                 seconds per workload (overrides both)
+#        BENCH_ONLY='W1|W5'               only the workloads whose name matches this extended regex
+#        BENCH_KEEP=1                     keep the temporary directory (server logs, wrk outputs)
 # The report also goes to target/bench/report.txt; generated originals are kept in target/bench/inputs
 # (delete it to regenerate). Needs: scripts/install-deps.sh build bench (wrk, nginx, djpeg, vips).
 set -euo pipefail
@@ -67,6 +69,8 @@ done
 
 bench_py() { python3 "$root/scripts/bench.py" "$@"; }
 say() { echo "bench: $*" >&2; }
+# want NAME: whether BENCH_ONLY selects this workload.
+want() { [ -z "${BENCH_ONLY:-}" ] || [[ $1 =~ $BENCH_ONLY ]]; }
 
 work="$(mktemp -d "${TMPDIR:-/tmp}/image-server-bench.XXXXXX")"
 # nginx workers run as an unprivileged user when the master is root: let them read the static file.
@@ -89,7 +93,11 @@ cleanup() {
     set +e
     local pid
     for pid in "${started[@]}"; do stop "$pid"; done
-    rm -rf "$work"
+    if [ "${BENCH_KEEP:-0}" = 1 ]; then
+        say "kept $work"
+    else
+        rm -rf "$work"
+    fi
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
@@ -200,9 +208,10 @@ start_server() {
 
 stop_server() {
     stop "$server_pid"
-    if grep -qiE 'error|panic' "$work/server-$1.log"; then
+    # WARN lines are expected (refused bombs, 503s of the default-queue row); ERROR and panics are not.
+    if grep -qE ' ERROR |panicked' "$work/server-$1.log"; then
         say "server log of $1 has errors (first lines):"
-        grep -iE 'error|panic' "$work/server-$1.log" | head -5 >&2
+        grep -E ' ERROR |panicked' "$work/server-$1.log" | head -5 >&2
     fi
     server_pid=""
 }
@@ -289,9 +298,10 @@ probe() {
         echo "status $code"
         return
     fi
-    vipsheader -f width "$out" | tr '\n' x
-    vipsheader -f height "$out" | tr '\n' ' '
-    vipsheader -f vips-loader "$out" | sed 's/load.*//' | tr '\n' ' '
+    # (libvips 8.14's heifload warns about nclx profiles on every AVIF: not ours to report)
+    vipsheader -f width "$out" 2>/dev/null | tr '\n' x
+    vipsheader -f height "$out" 2>/dev/null | tr '\n' ' '
+    vipsheader -f vips-loader "$out" 2>/dev/null | sed 's/load.*//' | tr '\n' ' '
     awk "BEGIN { printf \"%.1f KB\", $(stat -c %s "$out") / 1024 }"
 }
 
@@ -306,6 +316,7 @@ render_workload() {
     local name=$1 conns=$2 prefix=$3 suffix=$4 floor=$5 lua="$work/w.lua" out="$work/wrk.out"
     local cpu0 cpu1 hwm note
     shift 5
+    want "$name" || return 0
     say "$name, $conns connections"
     start_server "$name" "$@"
     note="$(probe "http://127.0.0.1:$port$prefix$ids$suffix")"
@@ -336,29 +347,30 @@ render_workload "W3 large cover" 8 "${p}L" /300x400-q80.jpg "$floor_large" "${no
 render_workload "W4 fit webp" 8 "$p" /w300-q80.webp "" "${nocache[@]}" "${bigqueue[@]}"
 render_workload "W4 fit avif" 8 "$p" /w300-q80.avif "" "${nocache[@]}" "${bigqueue[@]}"
 
-# W5: memory-cache hits against nginx serving the same bytes. w800 of the grainy original is ~30 KB.
-hit_path=/product/image/hit/w800-q80.jpg
-say "W5 hits, 64 connections (image-server, then nginx)"
-start_server w5
-mkdir -p "$work/static" "$work/nginx/tmp"
-chmod 755 "$work/static"
-curl -sf -o "$work/static/hit.jpg" "http://127.0.0.1:$port$hit_path"
-chmod 644 "$work/static/hit.jpg"
-x_cache="$(curl -sf -D - -o /dev/null "http://127.0.0.1:$port$hit_path" | tr -d '\r' |
-    sed -n 's/^[Xx]-[Cc]ache: //p')"
-hit_kb="$(awk "BEGIN { printf \"%.1f\", $(stat -c %s "$work/static/hit.jpg") / 1024 }")"
-fixed_lua "$work/hit.lua" "$hit_path"
-[ "$warmup" = 1 ] && run_wrk 64 "$work/hit.lua" "$work/wrk.out" "$port" 1
-cpu0="$(bench_py cpu "$server_pid")"
-run_wrk 64 "$work/hit.lua" "$work/w5-server.out" "$port"
-cpu1="$(bench_py cpu "$server_pid")"
-hwm="$(bench_py hwm "$server_pid")"
-bench_py record name="W5 hit, image-server" conns=64 wrk="$work/w5-server.out" hwm_mb="$hwm" \
-    cpu_s="$(awk "BEGIN { print $cpu1 - $cpu0 }")" \
-    note="$hit_kb KB from memory (X-Cache: ${x_cache:-?})" >>"$results"
+# W5: memory-cache hits against nginx serving the same bytes (w800 of the grainy original, ~30 KB).
+w5_hits() {
+    local hit_path=/product/image/hit/w800-q80.jpg cpu0 cpu1 hwm x_cache hit_kb ratio i
+    say "W5 hits, 64 connections (image-server, then nginx)"
+    start_server w5
+    mkdir -p "$work/static" "$work/nginx/tmp"
+    chmod 755 "$work/static"
+    curl -sf -o "$work/static/hit.jpg" "http://127.0.0.1:$port$hit_path"
+    chmod 644 "$work/static/hit.jpg"
+    x_cache="$(curl -sf -D - -o /dev/null "http://127.0.0.1:$port$hit_path" | tr -d '\r' |
+        sed -n 's/^[Xx]-[Cc]ache: //p')"
+    hit_kb="$(awk "BEGIN { printf \"%.1f\", $(stat -c %s "$work/static/hit.jpg") / 1024 }")"
+    fixed_lua "$work/hit.lua" "$hit_path"
+    if [ "$warmup" = 1 ]; then run_wrk 64 "$work/hit.lua" "$work/wrk.out" "$port" 1; fi
+    cpu0="$(bench_py cpu "$server_pid")"
+    run_wrk 64 "$work/hit.lua" "$work/w5-server.out" "$port"
+    cpu1="$(bench_py cpu "$server_pid")"
+    hwm="$(bench_py hwm "$server_pid")"
+    bench_py record name="W5 hit, image-server" conns=64 wrk="$work/w5-server.out" hwm_mb="$hwm" \
+        cpu_s="$(awk "BEGIN { print $cpu1 - $cpu0 }")" \
+        note="$hit_kb KB from memory (X-Cache: ${x_cache:-?})" >>"$results"
+    # The server stays up but idle while nginx is measured.
 
-cores="$(nproc)"
-cat >"$work/nginx/nginx.conf" <<EOF
+    cat >"$work/nginx/nginx.conf" <<EOF
 worker_processes $cores;
 daemon off;
 pid $work/nginx/nginx.pid;
@@ -381,60 +393,76 @@ http {
     }
 }
 EOF
-nginx -p "$work/nginx/" -c "$work/nginx/nginx.conf" -e "$work/nginx/error.log" &
-nginx_pid=$!
-started+=("$nginx_pid")
-for i in $(seq 50); do
-    curl -sf -o /dev/null "http://127.0.0.1:$nport/hit.jpg" && break
-    kill -0 "$nginx_pid" 2>/dev/null || { cat "$work/nginx/error.log" >&2; exit 1; }
-    sleep 0.1
-done
-fixed_lua "$work/nginx.lua" /hit.jpg
-[ "$warmup" = 1 ] && run_wrk 64 "$work/nginx.lua" "$work/wrk.out" "$nport" 1
-cpu0="$(bench_py tree-cpu "$nginx_pid")"
-run_wrk 64 "$work/nginx.lua" "$work/w5-nginx.out" "$nport"
-cpu1="$(bench_py tree-cpu "$nginx_pid")"
-hwm="$(bench_py tree-hwm "$nginx_pid")"
-ratio="$(bench_py ratio "$work/w5-server.out" "$work/w5-nginx.out")"
-bench_py record name="W5 hit, nginx static" conns=64 wrk="$work/w5-nginx.out" hwm_mb="$hwm" \
-    cpu_s="$(awk "BEGIN { print $cpu1 - $cpu0 }")" \
-    note="same bytes, sendfile, $cores workers (RSS: largest process); $ratio" >>"$results"
-stop "$nginx_pid"
-stop_server w5
+    nginx -p "$work/nginx/" -c "$work/nginx/nginx.conf" -e "$work/nginx/error.log" &
+    nginx_pid=$!
+    started+=("$nginx_pid")
+    for i in $(seq 50); do
+        curl -sf -o /dev/null "http://127.0.0.1:$nport/hit.jpg" && break
+        kill -0 "$nginx_pid" 2>/dev/null || {
+            cat "$work/nginx/error.log" >&2
+            exit 1
+        }
+        sleep 0.1
+    done
+    fixed_lua "$work/nginx.lua" /hit.jpg
+    if [ "$warmup" = 1 ]; then run_wrk 64 "$work/nginx.lua" "$work/wrk.out" "$nport" 1; fi
+    cpu0="$(bench_py tree-cpu "$nginx_pid")"
+    run_wrk 64 "$work/nginx.lua" "$work/w5-nginx.out" "$nport"
+    cpu1="$(bench_py tree-cpu "$nginx_pid")"
+    hwm="$(bench_py tree-hwm "$nginx_pid")"
+    ratio="$(bench_py ratio "$work/w5-server.out" "$work/w5-nginx.out")"
+    bench_py record name="W5 hit, nginx static" conns=64 wrk="$work/w5-nginx.out" hwm_mb="$hwm" \
+        cpu_s="$(awk "BEGIN { print $cpu1 - $cpu0 }")" \
+        note="same bytes, sendfile, $cores workers (RSS: largest process); $ratio" >>"$results"
+    stop "$nginx_pid"
+    stop_server w5
+}
 
 # W6: one cold key, 200 requests at once, default caches.
-say "W6 stampede, 200 requests for one cold key"
-start_server w6
-bench_py stampede "$port" "$sport" /product/image/stampede/w300-q80.jpg 200 "$server_pid" >>"$results"
-stop_server w6
+w6_stampede() {
+    say "W6 stampede, 200 requests for one cold key"
+    start_server w6
+    bench_py stampede "$port" "$sport" /product/image/stampede/w300-q80.jpg 200 "$server_pid" \
+        >>"$results"
+    stop_server w6
+}
 
 # Mixed attack: two wrk processes at once, so the valid half has its own latency histogram.
-say "mixed: 16 connections of valid cold JPEGs + 16 of bombs"
-start_server mixed "${nocache[@]}" "${bigqueue[@]}"
-bomb_status="png $(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$port/product/image/pb1/w300-q80.jpg")"
-bomb_status+=", gif $(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$port/product/image/gb1/w300-q80.jpg")"
-counter_lua "$work/valid.lua" /w300-q80.jpg /product/image/
-counter_lua "$work/bombs.lua" /w300-q80.jpg /product/image/pb /product/image/gb
-if [ "$warmup" = 1 ]; then
-    run_wrk 16 "$work/valid.lua" "$work/wrk.out" "$port" 1
+mixed_attack() {
+    local cpu0 cpu1 hwm bomb_status bombs_pid u="http://127.0.0.1:$port/product/image"
+    say "mixed: 16 connections of valid cold JPEGs + 16 of bombs"
+    start_server mixed "${nocache[@]}" "${bigqueue[@]}"
+    bomb_status="png $(curl -s -o /dev/null -w '%{http_code}' "$u/pb1/w300-q80.jpg")"
+    bomb_status+=", gif $(curl -s -o /dev/null -w '%{http_code}' "$u/gb1/w300-q80.jpg")"
+    counter_lua "$work/valid.lua" /w300-q80.jpg /product/image/
+    counter_lua "$work/bombs.lua" /w300-q80.jpg /product/image/pb /product/image/gb
+    if [ "$warmup" = 1 ]; then
+        run_wrk 16 "$work/valid.lua" "$work/wrk.out" "$port" 1
+        wait_idle
+    fi
+    cpu0="$(bench_py cpu "$server_pid")"
+    run_wrk 16 "$work/bombs.lua" "$work/mixed-bombs.out" "$port" &
+    bombs_pid=$!
+    started+=("$bombs_pid")
+    run_wrk 16 "$work/valid.lua" "$work/mixed-valid.out" "$port"
+    wait "$bombs_pid"
+    cpu1="$(bench_py cpu "$server_pid")"
     wait_idle
-fi
-cpu0="$(bench_py cpu "$server_pid")"
-run_wrk 16 "$work/bombs.lua" "$work/mixed-bombs.out" "$port" &
-bombs_pid=$!
-started+=("$bombs_pid")
-run_wrk 16 "$work/valid.lua" "$work/mixed-valid.out" "$port"
-wait "$bombs_pid"
-cpu1="$(bench_py cpu "$server_pid")"
-wait_idle
-hwm="$(bench_py hwm "$server_pid")"
-bench_py record name="mixed: valid half (W1 fit)" conns=16 wrk="$work/mixed-valid.out" \
-    hwm_mb="$hwm" floor_ms="$floor_fit" cpu_s="$(awk "BEGIN { print $cpu1 - $cpu0 }")" \
-    note="CPU columns: all server CPU (bombs too) per valid answer; compare W1 fit c=32" >>"$results"
-bench_py record name="mixed: bomb half" conns=16 wrk="$work/mixed-bombs.out" \
-    note="PNG 100000x100000 header / GIF frame at 60000,60000, alternating; status: $bomb_status" \
-    >>"$results"
-stop_server mixed
+    hwm="$(bench_py hwm "$server_pid")"
+    bench_py record name="mixed: valid half (W1 fit)" conns=16 wrk="$work/mixed-valid.out" \
+        hwm_mb="$hwm" floor_ms="$floor_fit" cpu_s="$(awk "BEGIN { print $cpu1 - $cpu0 }")" \
+        note="CPU columns: all server CPU (bombs too) per valid answer; compare W1 fit c=32" \
+        >>"$results"
+    bench_py record name="mixed: bomb half" conns=16 wrk="$work/mixed-bombs.out" \
+        note="PNG 100000x100000 header / GIF frame at 60000,60000, alternating; status: $bomb_status" \
+        >>"$results"
+    stop_server mixed
+}
+
+cores="$(nproc)"
+if want "W5 hit"; then w5_hits; fi
+if want "W6 stampede"; then w6_stampede; fi
+if want "mixed"; then mixed_attack; fi
 
 # --- Report -------------------------------------------------------------------------------------
 
