@@ -19,7 +19,8 @@ Subcommands (bench.sh calls them; each prints plain text on stdout):
                                 prints one result line with the status-page deltas and PID's CPU
   ratio OURS.out THEIRS.out      W5's comparison line from two wrk outputs
   record KEY=VALUE...           one result line: name, conns, wrk=FILE (the `BENCH ...` line our wrk
-                                Lua done() prints), cpu_s, hwm_mb, floor_ms, note
+                                Lua done() prints), cpu_s, hwm_mb, floor_ms, note, all_answers=1
+                                (req/s counts non-2xx answers too: for rows of expected refusals)
   status SPORT KEY.KEY          one number from the status page JSON
   table RESULTS                 the final table from the result lines in RESULTS
 
@@ -197,6 +198,8 @@ def record(pairs):
         "p99_us": float(stats["p99_us"]),
         "note": kv.pop("note", ""),
     }
+    if kv.get("all_answers") == "1":
+        row["all_answers"] = True  # refusals are the expected answer: req/s counts them
     for key in ("cpu_s", "hwm_mb", "floor_ms"):
         if kv.get(key):
             row[key] = float(kv[key])
@@ -245,7 +248,7 @@ def table(path):
     ]
     out = []
     for r in rows:
-        ok = r["requests"] - r["non2xx"]
+        ok = r["requests"] if r.get("all_answers") else r["requests"] - r["non2xx"]
         secs = r["seconds"] or 1e-9
         cpu = r.get("cpu_s")
         per_req = cpu / ok * 1000 if cpu is not None and ok > 0 else None

@@ -23,7 +23,13 @@ fuzz_target!(|data: &[u8]| {
     // The first byte picks the output, so encoders see fuzzed pixels too.
     let (format, version) = match data.first().map(|b| b % 4) {
         Some(0) => (Format::Jpeg, Version::Width(64)),
-        Some(1) => (Format::Png, Version::Cover { width: 32, height: 48 }),
+        Some(1) => (
+            Format::Png,
+            Version::Cover {
+                width: 32,
+                height: 48,
+            },
+        ),
         Some(2) => (Format::Webp, Version::Height(40)),
         _ => (Format::Gif, Version::Width(16)),
     };

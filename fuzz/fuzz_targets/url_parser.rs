@@ -31,7 +31,10 @@ fuzz_target!(|data: &[u8]| {
             // Whatever passed names an allowed host over http(s), without credentials.
             let url = checked.url();
             assert!(matches!(url.scheme(), "http" | "https"), "{url}");
-            assert!(url.username().is_empty() && url.password().is_none(), "{url}");
+            assert!(
+                url.username().is_empty() && url.password().is_none(),
+                "{url}"
+            );
         }
     }
 });
