@@ -284,6 +284,8 @@ impl Inner {
         format: Format,
         source: Option<&SourceUrl>,
     ) -> Result<Variant, Error> {
+        // Admission first: a request the full pool would refuse (503) must not cost a download.
+        let admission = self.processor.admit()?;
         let original = self.original(req, source).await?;
         let spec = RenderSpec {
             version: req.version,
@@ -296,7 +298,10 @@ impl Inner {
             avif_effort: self.config.avif_effort,
         };
         let started = Instant::now();
-        let rendered = self.processor.render(original, spec).await;
+        let rendered = self
+            .processor
+            .render_admitted(admission, original, spec)
+            .await;
         m::time(m::TIME_PROCESS, started.elapsed());
         m::gauge(m::PROCESSING_CURRENT, self.processor.current() as f64);
         m::gauge(m::QUEUE_DEPTH, self.processor.queue_depth() as f64);

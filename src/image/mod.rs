@@ -110,17 +110,21 @@ pub struct Processor {
     permits: Arc<Semaphore>,
     avif_permits: Arc<Semaphore>,
     limits: DecodeLimits,
-    /// Renders admitted (running or waiting); bounded by `concurrency + queue_size`.
-    admitted: AtomicUsize,
+    /// Renders admitted (running, waiting, or fetching their original); bounded by
+    /// `concurrency + queue_size`.
+    admitted: Arc<AtomicUsize>,
     capacity: usize,
     concurrency: usize,
     total: AtomicU64,
 }
 
-/// Holds one admission slot; released on drop, so a cancelled request frees its place.
-struct Admission<'a>(&'a AtomicUsize);
+/// One admitted place in the pool's queue, taken before the original is fetched (so a request that
+/// would be refused with 503 costs no download) and released on drop, so a cancelled request frees
+/// its place.
+#[derive(Debug)]
+pub struct Admission(Arc<AtomicUsize>);
 
-impl Drop for Admission<'_> {
+impl Drop for Admission {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::AcqRel);
     }
@@ -140,7 +144,7 @@ impl Processor {
             permits: Arc::new(Semaphore::new(concurrency)),
             avif_permits: Arc::new(Semaphore::new(avif_concurrency.max(1))),
             limits,
-            admitted: AtomicUsize::new(0),
+            admitted: Arc::new(AtomicUsize::new(0)),
             capacity: concurrency + queue_size,
             concurrency,
             total: AtomicU64::new(0),
@@ -150,11 +154,28 @@ impl Processor {
     /// Renders `original` to `spec` on a blocking thread, waiting for a permit if the pool is busy and
     /// refusing at once when the queue is full. Dropping the future releases its place.
     pub async fn render(&self, original: Bytes, spec: RenderSpec) -> Result<Rendered, ImageError> {
+        let admission = self.admit()?;
+        self.render_admitted(admission, original, spec).await
+    }
+
+    /// Takes a place in the queue now, or refuses at once when the pool and its queue are full.
+    pub fn admit(&self) -> Result<Admission, ImageError> {
         let before = self.admitted.fetch_add(1, Ordering::AcqRel);
-        let _admission = Admission(&self.admitted);
+        let admission = Admission(self.admitted.clone());
         if before >= self.capacity {
             return Err(ImageError::Overloaded);
         }
+        Ok(admission)
+    }
+
+    /// Renders with a place taken earlier by [`Processor::admit`].
+    pub async fn render_admitted(
+        &self,
+        admission: Admission,
+        original: Bytes,
+        spec: RenderSpec,
+    ) -> Result<Rendered, ImageError> {
+        let _admission = admission;
         let _avif = if spec.format == Format::Avif {
             Some(
                 self.avif_permits
