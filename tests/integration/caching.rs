@@ -140,11 +140,17 @@ async fn shared_store_scenario(store: Store) {
         .expect("store");
         use object_store::ObjectStoreExt;
         let got = raw
-            .get(&object_store::path::Path::from("cache/product/image/1/300x200.jpg"))
+            .get(&object_store::path::Path::from(
+                "cache/product/image/1/300x200.jpg",
+            ))
             .await
             .expect("object at {prefix}/{model}/{type}/{id}/{canonical}");
-        let attr = |a: object_store::Attribute| got.attributes.get(&a).map(|v| v.as_ref().to_owned());
-        assert_eq!(attr(object_store::Attribute::ContentType).as_deref(), Some("image/jpeg"));
+        let attr =
+            |a: object_store::Attribute| got.attributes.get(&a).map(|v| v.as_ref().to_owned());
+        assert_eq!(
+            attr(object_store::Attribute::ContentType).as_deref(),
+            Some("image/jpeg")
+        );
         assert_eq!(
             attr(object_store::Attribute::CacheControl).as_deref(),
             Some("public, max-age=31536000")

@@ -91,11 +91,8 @@ async fn origin_with_photo() -> Origin {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn behind_nginx_hit_then_revalidated_with_our_304() {
     let origin = origin_with_photo().await;
-    let server = support::start_with_origin(
-        &origin,
-        &[("cache_control", "\"public, max-age=1\"")],
-    )
-    .await;
+    let server =
+        support::start_with_origin(&origin, &[("cache_control", "\"public, max-age=1\"")]).await;
     let nginx = Nginx::start(server.addr);
     let path = "/product/image/1/w200.jpg";
 
@@ -144,10 +141,18 @@ async fn behind_nginx_webp_and_jpeg_clients_never_get_each_others_variant() {
         for (accept, want) in [(webp, "image/webp"), (jpeg, "image/jpeg")] {
             let resp = nginx.get(path, accept).await;
             assert_eq!(resp.status(), 200);
-            assert_eq!(header(&resp, "content-type"), want, "round {round}, {accept}");
+            assert_eq!(
+                header(&resp, "content-type"),
+                want,
+                "round {round}, {accept}"
+            );
             assert_eq!(header(&resp, "vary"), "Accept");
             let out = probe(&resp.bytes().await.expect("body"));
-            let format = if want == "image/webp" { Format::Webp } else { Format::Jpeg };
+            let format = if want == "image/webp" {
+                Format::Webp
+            } else {
+                Format::Jpeg
+            };
             assert_eq!(out.format, format, "the bytes match the Content-Type");
         }
     }
@@ -201,11 +206,18 @@ async fn validators_304_and_cache_headers() {
     let first = get(&server, path).await;
     assert_eq!(first.status(), 200);
     let etag = header(&first, "etag");
-    assert!(etag.starts_with('"') && !etag.starts_with("W/"), "strong: {etag}");
+    assert!(
+        etag.starts_with('"') && !etag.starts_with("W/"),
+        "strong: {etag}"
+    );
     assert_eq!(header(&first, "cache-control"), "public, max-age=31536000");
     assert_eq!(header(&first, "x-content-type-options"), "nosniff");
     assert_eq!(header(&first, "content-type"), "image/png");
-    assert_eq!(header(&first, "vary"), "", "no Vary when auto_format is off");
+    assert_eq!(
+        header(&first, "vary"),
+        "",
+        "no Vary when auto_format is off"
+    );
     assert_eq!(header(&first, "surrogate-key"), "product/image/1");
     assert_eq!(header(&first, "cache-tag"), "product/image/1");
     let last_modified = header(&first, "last-modified");
@@ -263,7 +275,11 @@ fn band_means(bytes: &[u8], bands: u32) -> Vec<f64> {
                 .status()
                 .expect("vips");
             assert!(ok.success());
-            let out = Command::new("vips").arg("avg").arg(&band).output().expect("vips");
+            let out = Command::new("vips")
+                .arg("avg")
+                .arg(&band)
+                .output()
+                .expect("vips");
             String::from_utf8_lossy(&out.stdout)
                 .trim()
                 .parse()
@@ -296,9 +312,17 @@ async fn cmyk_and_wide_gamut_originals_come_out_srgb_with_their_colours() {
     let origin = Origin::start().await;
     let srgb = fixtures::jpeg(600, 400, 95);
     // The same picture converted to CMYK with libvips' built-in CMYK profile (embedded in the file).
-    let cmyk = vips_convert(&srgb, &["icc_export", "--output-profile", "cmyk"], "cmyk.jpg[Q=95]");
+    let cmyk = vips_convert(
+        &srgb,
+        &["icc_export", "--output-profile", "cmyk"],
+        "cmyk.jpg[Q=95]",
+    );
     let cmyk_probe = probe(&cmyk);
-    assert_eq!((cmyk_probe.interpretation.as_str(), cmyk_probe.bands), ("cmyk", 4), "a real CMYK file");
+    assert_eq!(
+        (cmyk_probe.interpretation.as_str(), cmyk_probe.bands),
+        ("cmyk", 4),
+        "a real CMYK file"
+    );
     origin.put("product/image/21", cmyk.clone());
     // The EXIF fixture stores its pixels in Display P3 with the P3 profile embedded.
     origin.put("product/image/22", fixtures::jpeg_with_exif(600, 400, 1));
@@ -318,10 +342,16 @@ async fn cmyk_and_wide_gamut_originals_come_out_srgb_with_their_colours() {
     assert_eq!(out.bands, 3);
     let got = band_means(&out_bytes, 3);
     for (g, w) in got.iter().zip(&want) {
-        assert!((g - w).abs() < 3.0, "CMYK → sRGB: got {got:?}, want {want:?}");
+        assert!(
+            (g - w).abs() < 3.0,
+            "CMYK → sRGB: got {got:?}, want {want:?}"
+        );
     }
     for (g, o) in got.iter().zip(&original) {
-        assert!((g - o).abs() < 20.0, "still the same picture: got {got:?}, original {original:?}");
+        assert!(
+            (g - o).abs() < 20.0,
+            "still the same picture: got {got:?}, original {original:?}"
+        );
     }
 
     // P3 → sRGB: compare with libvips' own reference conversion of the same file.
@@ -350,7 +380,10 @@ async fn alpha_is_kept_except_in_jpeg_which_flattens_onto_the_background() {
         let out = probe(&bytes);
         assert_eq!(out.bands, 4, "{format}: alpha kept");
         let corner = support::pixel(&bytes, 2, 2);
-        assert!(corner[3] < 10.0, "{format}: transparent corner stays transparent: {corner:?}");
+        assert!(
+            corner[3] < 10.0,
+            "{format}: transparent corner stays transparent: {corner:?}"
+        );
     }
     let resp = get(&server, "/product/image/30/w200.jpg").await;
     let bytes = resp.bytes().await.expect("body");
@@ -368,21 +401,49 @@ async fn enlarge_off_never_exceeds_the_original_and_gravity_options_crop_exactly
     let origin = Origin::start().await;
     origin.put("product/image/40", fixtures::jpeg(400, 300, 85));
     let server = support::start_with_origin(&origin, &[("enlarge", "false")]).await;
-    let out = probe(&get(&server, "/product/image/40/w1000.jpg").await.bytes().await.expect("b"));
+    let out = probe(
+        &get(&server, "/product/image/40/w1000.jpg")
+            .await
+            .bytes()
+            .await
+            .expect("b"),
+    );
     assert_eq!((out.width, out.height), (400, 300));
-    let out = probe(&get(&server, "/product/image/40/h150.jpg").await.bytes().await.expect("b"));
+    let out = probe(
+        &get(&server, "/product/image/40/h150.jpg")
+            .await
+            .bytes()
+            .await
+            .expect("b"),
+    );
     assert_eq!((out.width, out.height), (200, 150), "downscales still work");
     server.stop().await.expect("stop");
 
     let server = support::start_with_origin(&origin, &[]).await;
-    let out = probe(&get(&server, "/product/image/40/w800.jpg").await.bytes().await.expect("b"));
-    assert_eq!((out.width, out.height), (800, 600), "enlarge defaults to on (seed parity)");
+    let out = probe(
+        &get(&server, "/product/image/40/w800.jpg")
+            .await
+            .bytes()
+            .await
+            .expect("b"),
+    );
+    assert_eq!(
+        (out.width, out.height),
+        (800, 600),
+        "enlarge defaults to on (seed parity)"
+    );
     server.stop().await.expect("stop");
 
     for gravity in ["attention", "entropy", "centre"] {
         let g = format!("\"{gravity}\"");
         let server = support::start_with_origin(&origin, &[("crop_gravity", g.as_str())]).await;
-        let out = probe(&get(&server, "/product/image/40/100x250.webp").await.bytes().await.expect("b"));
+        let out = probe(
+            &get(&server, "/product/image/40/100x250.webp")
+                .await
+                .bytes()
+                .await
+                .expect("b"),
+        );
         assert_eq!((out.width, out.height), (100, 250), "{gravity}");
         server.stop().await.expect("stop");
     }

@@ -299,7 +299,12 @@ pub fn probe(bytes: &[u8]) -> Probe {
     let rest = text
         .split_once(": ")
         .map(|(_, r)| r.trim().to_owned())
-        .unwrap_or_else(|| panic!("undecodable output: {text} {}", String::from_utf8_lossy(&out.stderr)));
+        .unwrap_or_else(|| {
+            panic!(
+                "undecodable output: {text} {}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        });
     let parts: Vec<&str> = rest.split(", ").collect();
     let (w, h) = parts[0]
         .split_whitespace()
