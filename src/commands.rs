@@ -103,7 +103,7 @@ pub async fn warm(config: Config, args: WarmArgs) -> anyhow::Result<ExitCode> {
     let mut tick = tokio::time::interval(progress.tick());
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     tick.tick().await; // the first tick is immediate; nothing to show yet
-    let interrupt = interrupted();
+    let interrupt = crate::server::shutdown_signal();
     tokio::pin!(interrupt);
     let mut stopped = false;
     loop {
@@ -554,30 +554,6 @@ impl Progress {
             let _ = err.flush();
             self.drawn = false;
         }
-    }
-}
-
-/// Resolves on SIGINT or SIGTERM.
-async fn interrupted() {
-    let ctrl_c = async {
-        if tokio::signal::ctrl_c().await.is_err() {
-            std::future::pending::<()>().await;
-        }
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => {},
-        _ = term => {},
     }
 }
 

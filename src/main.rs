@@ -87,28 +87,6 @@ async fn serve(config: Config) -> anyhow::Result<ExitCode> {
         "listening"
     );
     let app = Arc::new(App::new(config)?);
-    server::run(app, listener, Some(status), shutdown_signal()).await?;
+    server::run(app, listener, Some(status), server::shutdown_signal()).await?;
     Ok(ExitCode::SUCCESS)
-}
-
-/// Resolves on SIGTERM or SIGINT.
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => {},
-        _ = term => {},
-    }
 }
