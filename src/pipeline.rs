@@ -48,6 +48,8 @@ struct Inner {
     downloads_total: AtomicU64,
     /// The `?source=` override's rules and client; `None` refuses every override.
     overrides: Option<SourceGuard>,
+    /// During a store outage every miss fails its read: log the first, then one summary per period.
+    store_warning: RateLimitedWarning,
 }
 
 /// What answered a request.
@@ -107,6 +109,7 @@ impl Pipeline {
                 downloads_current: AtomicUsize::new(0),
                 downloads_total: AtomicU64::new(0),
                 overrides: None,
+                store_warning: RateLimitedWarning::default(),
             }),
         }
     }
@@ -267,7 +270,7 @@ impl Inner {
                 Ok(Some(variant)) => return Ok(Arc::new(variant)),
                 Ok(None) => {}
                 // A broken store costs a miss, never the response.
-                Err(e) => tracing::warn!(error = %e, "result store read failed; rendering"),
+                Err(e) => this.store_warning.warn(&e),
             }
         }
         let variant = Arc::new(this.render(&req, format, source.as_ref()).await?);
@@ -388,5 +391,53 @@ fn originals_key(req: &ImageRequest, source: Option<&SourceUrl>) -> String {
     match source {
         Some(s) => s.originals_key(),
         None => req.original_id(),
+    }
+}
+
+/// A warning logged at most once per [`RateLimitedWarning::PERIOD`], with the number suppressed in
+/// between, so an outage of the result store cannot flood the log with one line per request.
+#[derive(Default)]
+struct RateLimitedWarning {
+    last_secs: AtomicU64,
+    suppressed: AtomicU64,
+}
+
+impl RateLimitedWarning {
+    const PERIOD: Duration = Duration::from_secs(10);
+
+    fn warn(&self, error: &crate::cache::remote::StoreError) {
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let last = self.last_secs.load(Ordering::Relaxed);
+        if now.saturating_sub(last) >= Self::PERIOD.as_secs()
+            && self
+                .last_secs
+                .compare_exchange(last, now, Ordering::AcqRel, Ordering::Relaxed)
+                .is_ok()
+        {
+            let suppressed = self.suppressed.swap(0, Ordering::AcqRel);
+            tracing::warn!(error = %error, suppressed, "result store read failed; rendering");
+        } else {
+            self.suppressed.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cache::remote::StoreError;
+
+    #[test]
+    fn store_warnings_are_rate_limited() {
+        let w = RateLimitedWarning::default();
+        for _ in 0..100 {
+            w.warn(&StoreError::Timeout);
+        }
+        // The first call logged (and reset the count); the other 99 were held back.
+        assert_eq!(w.suppressed.load(Ordering::Relaxed), 99);
+        assert!(w.last_secs.load(Ordering::Relaxed) > 0);
     }
 }
