@@ -385,6 +385,26 @@ async fn alpha_is_kept_except_in_jpeg_which_flattens_onto_the_background() {
             "{format}: transparent corner stays transparent: {corner:?}"
         );
     }
+    // A palette (8-bit indexed) PNG with a transparency table keeps its transparency too.
+    let palette = vips_convert(
+        &fixtures::png_alpha(400, 200),
+        &["pngsave", "--palette"],
+        "p.png",
+    );
+    assert_eq!(&palette[..8], b"\x89PNG\r\n\x1a\n");
+    assert_eq!(palette[25], 3, "IHDR colour type 3: an indexed PNG");
+    origin.put("product/image/31", palette);
+    for format in [Format::Png, Format::Webp] {
+        let resp = get(&server, &format!("/product/image/31/w200.{}", format.ext())).await;
+        assert_eq!(resp.status(), 200);
+        let bytes = resp.bytes().await.expect("body");
+        assert_eq!(probe(&bytes).bands, 4, "{format}: palette alpha kept");
+        let corner = support::pixel(&bytes, 2, 2);
+        assert!(
+            corner[3] < 10.0,
+            "{format}: palette transparency kept: {corner:?}"
+        );
+    }
     let resp = get(&server, "/product/image/30/w200.jpg").await;
     let bytes = resp.bytes().await.expect("body");
     assert_eq!(probe(&bytes).bands, 3);
