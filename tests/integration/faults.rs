@@ -202,7 +202,7 @@ async fn gzip_bomb_is_never_inflated() {
         ("max_source_bytes", "2MB"),
     ]))
     .await;
-    let rss_before = support_rss_kb();
+    let rss_before = support::rss_kb();
     expect_error(
         &server,
         &format!("/{ID}/w100.jpg"),
@@ -210,7 +210,7 @@ async fn gzip_bomb_is_never_inflated() {
         "unprocessable image\n",
     )
     .await;
-    let grew_mb = support_rss_kb().saturating_sub(rss_before) / 1024;
+    let grew_mb = support::rss_kb().saturating_sub(rss_before) / 1024;
     // Loose: other tests share this process. 200 MB inflated would show.
     assert!(grew_mb < 100, "RSS grew {grew_mb} MB");
     let heads = origin.heads();
@@ -222,19 +222,6 @@ async fn gzip_bomb_is_never_inflated() {
     );
     assert_nothing_cached(&server).await;
     server.stop().await.expect("stops");
-}
-
-/// This process's resident set, in kB (Linux `/proc/self/status`).
-fn support_rss_kb() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse().ok())
-        })
-        .unwrap_or(0)
 }
 
 #[tokio::test]

@@ -174,18 +174,6 @@ struct Case {
     may_decode: bool,
 }
 
-fn rss_kb() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse().ok())
-        })
-        .unwrap_or(0)
-}
-
 #[tokio::test]
 #[ignore = "run in a process of its own by hostile::bad_inputs"]
 async fn bad_inputs_isolated() {
@@ -313,7 +301,7 @@ async fn bad_inputs_isolated() {
         });
     }
 
-    let rss_before = rss_kb();
+    let rss_before = support::rss_kb();
     println!("| case | status | decodes | ms |");
     println!("|---|---|---|---|");
     let mut failures = Vec::new();
@@ -349,7 +337,7 @@ async fn bad_inputs_isolated() {
             failures.push(format!("{}: took {ms} ms", case.name));
         }
     }
-    let grew_mb = rss_kb().saturating_sub(rss_before) / 1024;
+    let grew_mb = support::rss_kb().saturating_sub(rss_before) / 1024;
     println!("| RSS growth | {grew_mb} MB | | |");
 
     // Still alive and still rendering.
