@@ -229,10 +229,7 @@ impl App {
         head: bool,
     ) -> Response<Body> {
         let v = &served.variant;
-        let not_modified = headers
-            .get(header::IF_NONE_MATCH)
-            .and_then(|h| h.to_str().ok())
-            .is_some_and(|h| etag_matches(h, &v.etag));
+        let not_modified = not_modified(headers, &v.etag, v.last_modified);
         let mut builder = Response::builder()
             .header(header::ETAG, &v.etag)
             .header(
@@ -490,6 +487,30 @@ fn accepts(accept: &str, mime: &str) -> bool {
     })
 }
 
+/// RFC 9110 §13.2.2: `If-None-Match` decides when present; otherwise `If-Modified-Since` at or after
+/// the variant's generation time (whole seconds, as `Last-Modified` is sent) means not modified.
+fn not_modified(headers: &HeaderMap, etag: &str, last_modified: SystemTime) -> bool {
+    if let Some(inm) = headers.get(header::IF_NONE_MATCH) {
+        return inm.to_str().is_ok_and(|h| etag_matches(h, etag));
+    }
+    let Some(since) = headers
+        .get(header::IF_MODIFIED_SINCE)
+        .and_then(|h| h.to_str().ok())
+        .and_then(|h| httpdate::parse_http_date(h).ok())
+    else {
+        return false;
+    };
+    let modified_secs = last_modified
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let since_secs = since
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    since_secs >= modified_secs
+}
+
 /// `If-None-Match` weak comparison (RFC 9110 §13.1.2): a list of tags or `*`.
 fn etag_matches(header: &str, etag: &str) -> bool {
     let bare = etag.trim_start_matches("W/");
@@ -515,6 +536,57 @@ mod tests {
         assert!(!accepts("image/*,*/*;q=0.8", "image/webp"));
         assert!(!accepts("", "image/webp"));
         assert!(!accepts("image/webpx", "image/webp"));
+    }
+
+    #[test]
+    fn conditional_requests() {
+        let generated = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_700_000_000);
+        let at = |secs: u64| {
+            httpdate::fmt_http_date(SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(secs))
+        };
+        let h = |pairs: &[(header::HeaderName, String)]| {
+            let mut m = HeaderMap::new();
+            for (k, v) in pairs {
+                m.insert(k.clone(), HeaderValue::from_str(v).expect("value"));
+            }
+            m
+        };
+        let tag = "\"abc\"";
+        assert!(not_modified(
+            &h(&[(header::IF_MODIFIED_SINCE, at(1_700_000_000))]),
+            tag,
+            generated
+        ));
+        assert!(not_modified(
+            &h(&[(header::IF_MODIFIED_SINCE, at(1_800_000_000))]),
+            tag,
+            generated
+        ));
+        assert!(!not_modified(
+            &h(&[(header::IF_MODIFIED_SINCE, at(1_600_000_000))]),
+            tag,
+            generated
+        ));
+        assert!(!not_modified(
+            &h(&[(header::IF_MODIFIED_SINCE, "garbage".into())]),
+            tag,
+            generated
+        ));
+        // If-None-Match wins over If-Modified-Since.
+        assert!(!not_modified(
+            &h(&[
+                (header::IF_NONE_MATCH, "\"other\"".into()),
+                (header::IF_MODIFIED_SINCE, at(1_800_000_000)),
+            ]),
+            tag,
+            generated
+        ));
+        assert!(not_modified(
+            &h(&[(header::IF_NONE_MATCH, tag.into())]),
+            tag,
+            generated
+        ));
+        assert!(!not_modified(&HeaderMap::new(), tag, generated));
     }
 
     #[test]

@@ -238,6 +238,19 @@ async fn validators_304_and_cache_headers() {
     assert!(again.bytes().await.expect("body").is_empty());
     assert_eq!(server.app.pipeline.stats().processing_total, 1);
 
+    let by_date = client()
+        .get(format!("http://{}{path}", server.addr))
+        .header("if-modified-since", &last_modified)
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(
+        by_date.status(),
+        304,
+        "If-Modified-Since alone revalidates too"
+    );
+    assert_eq!(header(&by_date, "etag"), etag);
+
     let other = client()
         .get(format!("http://{}{path}", server.addr))
         .header("if-none-match", "\"something-else\"")
