@@ -43,6 +43,10 @@ struct Inner {
     memory: MemoryCache,
     remote: Option<RemoteStore>,
     originals: Cache<String, Bytes>,
+    /// `max_inflight_download_mb`, in MiB permits: bounds the bytes all downloads may hold at once.
+    inflight: Semaphore,
+    /// MiB permits one download takes: `max_source_bytes`, the most it may hold.
+    download_reservation: u32,
     downloads: Semaphore,
     downloads_current: AtomicUsize,
     downloads_total: AtomicU64,
@@ -100,6 +104,9 @@ impl Pipeline {
             inner: Arc::new(Inner {
                 defaults: config.default_quality(),
                 downloads: Semaphore::new(config.download_concurrency.max(1)),
+                inflight: Semaphore::new(mib(config.max_inflight_download_bytes) as usize),
+                download_reservation: mib(config.max_source_bytes)
+                    .min(mib(config.max_inflight_download_bytes)),
                 config,
                 source,
                 processor,
@@ -343,6 +350,12 @@ impl Inner {
                 .acquire()
                 .await
                 .map_err(|_| Error::Internal("download pool closed".into()))?;
+            // Content-Length is not trusted, so each download reserves the most it may hold.
+            let _bytes = self
+                .inflight
+                .acquire_many(self.download_reservation)
+                .await
+                .map_err(|_| Error::Internal("download pool closed".into()))?;
             self.downloads_total.fetch_add(1, Ordering::Relaxed);
             let current = self.downloads_current.fetch_add(1, Ordering::Relaxed) + 1;
             m::gauge(m::DOWNLOADS_CURRENT, current as f64);
@@ -376,6 +389,11 @@ impl Inner {
             .await
             .map_err(|shared| (*shared).clone())
     }
+}
+
+/// Bytes as whole MiB permits, rounded up (at least 1), for the in-flight download budget.
+fn mib(bytes: u64) -> u32 {
+    u32::try_from(bytes.div_ceil(1 << 20).max(1)).unwrap_or(u32::MAX >> 4)
 }
 
 /// The result-cache key: the id's own, or one carrying the `?source=` URL's digest.
@@ -429,6 +447,16 @@ impl RateLimitedWarning {
 mod tests {
     use super::*;
     use crate::cache::remote::StoreError;
+
+    #[test]
+    fn download_budget_in_mib() {
+        assert_eq!(mib(0), 1);
+        assert_eq!(mib(1), 1);
+        assert_eq!(mib(1 << 20), 1);
+        assert_eq!(mib((1 << 20) + 1), 2);
+        // Defaults: 256 MiB in flight, 25 MiB per download: at most 10 downloads hold memory at once.
+        assert_eq!(mib(256 << 20) / mib(25 << 20), 10);
+    }
 
     #[test]
     fn store_warnings_are_rate_limited() {

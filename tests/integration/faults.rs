@@ -562,3 +562,46 @@ async fn listening_addrs(
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
     found
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inflight_download_budget_bounds_concurrent_fetches() {
+    // max_source_bytes = 1 MB and max_inflight_download_mb = 2: at most two downloads may hold
+    // memory at once, whatever download_concurrency allows.
+    let origin = Origin::start().await;
+    for i in 0..6 {
+        origin.put(
+            &format!("product/image/{}", 700 + i),
+            image_server::image::vips::fixtures::jpeg(200, 150, 80),
+        );
+    }
+    origin.set_delay(Duration::from_millis(200));
+    let server = support::start_with_origin(
+        &origin,
+        &[
+            ("max_source_bytes", "\"1MB\""),
+            ("max_inflight_download_mb", "2"),
+            ("download_concurrency", "16"),
+            ("queue_size", "32"),
+        ],
+    )
+    .await;
+    let server = std::sync::Arc::new(server);
+    let mut tasks = Vec::new();
+    for i in 0..6 {
+        let s = server.clone();
+        tasks.push(tokio::spawn(async move {
+            get(&s, &format!("/product/image/{}/w50.jpg", 700 + i))
+                .await
+                .status()
+        }));
+    }
+    for t in tasks {
+        assert_eq!(t.await.expect("join"), 200);
+    }
+    assert_eq!(origin.total(), 6);
+    assert_eq!(
+        origin.max_concurrent(),
+        2,
+        "two 1 MB reservations fill the 2 MB budget"
+    );
+}

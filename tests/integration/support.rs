@@ -48,6 +48,9 @@ pub struct Origin {
     replies: Arc<Mutex<HashMap<String, Reply>>>,
     hits: Arc<Mutex<HashMap<String, usize>>>,
     total: Arc<AtomicUsize>,
+    /// Requests being answered now, and the most seen at once (while the delay runs).
+    inflight: Arc<AtomicUsize>,
+    max_inflight: Arc<AtomicUsize>,
     delay: Arc<Mutex<Duration>>,
 }
 
@@ -70,6 +73,8 @@ impl Origin {
             replies: Arc::default(),
             hits: Arc::default(),
             total: Arc::default(),
+            inflight: Arc::default(),
+            max_inflight: Arc::default(),
             delay: Arc::new(Mutex::new(Duration::ZERO)),
         };
         let o = origin.clone();
@@ -103,7 +108,10 @@ impl Origin {
             .or_default() += 1;
         let delay = *self.delay.lock().expect("lock");
         if !delay.is_zero() {
+            let now = self.inflight.fetch_add(1, Ordering::SeqCst) + 1;
+            self.max_inflight.fetch_max(now, Ordering::SeqCst);
             tokio::time::sleep(delay).await;
+            self.inflight.fetch_sub(1, Ordering::SeqCst);
         }
         let reply = self.replies.lock().expect("lock").get(path).cloned();
         match reply {
@@ -192,6 +200,11 @@ impl Origin {
             .get(&format!("/{original}/original.jpg"))
             .copied()
             .unwrap_or(0)
+    }
+
+    /// The most requests the origin was answering at once (counted while a delay is set).
+    pub fn max_concurrent(&self) -> usize {
+        self.max_inflight.load(Ordering::SeqCst)
     }
 
     /// Requests received in all.
