@@ -57,6 +57,16 @@ fn collect(stream: impl Read + Send + 'static, lines: Lines) {
 }
 
 impl Proc {
+    /// Starts the server against the origin at `url`, sending statsd to 127.0.0.1:`port`.
+    async fn start_with_statsd(url: &str, port: &str) -> Proc {
+        let sets = [
+            ("source_domain", url),
+            ("statsd_host", "127.0.0.1"),
+            ("statsd_port", port),
+        ];
+        Proc::start(&sets, &[]).await
+    }
+
     /// Starts `image-server -e test --set k=v…` with `env` added to a clean environment (no
     /// `RUST_LOG`, no `IMAGE_SERVER_*` from the caller) and waits for its "listening" line.
     async fn start(sets: &[(&str, &str)], env: &[(&str, &str)]) -> Proc {
@@ -606,15 +616,7 @@ async fn statsd_lines_are_exactly_the_scenarios() {
     let origin = scenario_origin().await;
     let port = statsd.port.to_string();
     let url = origin.url();
-    let p = Proc::start(
-        &[
-            ("source_domain", &url),
-            ("statsd_host", "127.0.0.1"),
-            ("statsd_port", &port),
-        ],
-        &[],
-    )
-    .await;
+    let p = Proc::start_with_statsd(&url, &port).await;
     let started = Instant::now();
     scenario(&p).await;
     let wall_ms = started.elapsed().as_millis() as u64;
@@ -770,15 +772,7 @@ async fn seed_dashboard_names_reach_graphite_through_etsy_statsd() {
     let daemon = StatsdDaemon::start(graphite_port);
     let origin = scenario_origin().await;
     let (port, url) = (daemon.port.to_string(), origin.url());
-    let p = Proc::start(
-        &[
-            ("source_domain", &url),
-            ("statsd_host", "127.0.0.1"),
-            ("statsd_port", &port),
-        ],
-        &[],
-    )
-    .await;
+    let p = Proc::start_with_statsd(&url, &port).await;
     scenario(&p).await;
     // Counts per seed name (stats_counts sums over flushes; later flushes send 0).
     let want = [
