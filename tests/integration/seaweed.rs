@@ -156,17 +156,18 @@ impl Seaweed {
 
     fn wait_ready(&self) {
         let deadline = Instant::now() + Duration::from_secs(60);
-        let url = format!("{}/{}", self.endpoint(), self.bucket);
+        let url = format!("{}/{}/.ready-probe", self.endpoint(), self.bucket);
+        let user = format!("{ACCESS_KEY}:{SECRET_KEY}");
         while Instant::now() < deadline {
-            // Any HTTP answer from the S3 port (403 without a signature) means it is serving; the
-            // bucket must also exist, which an unsigned HEAD reports as 403 rather than 404.
+            // Ready means a signed write succeeds: the S3 port answers (403 to anything) a moment
+            // before its filer and volume servers accept data, and a write in that window fails.
             let ok = std::process::Command::new("curl")
-                .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "-I", &url])
+                .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "-X", "PUT"])
+                .args(["--aws-sigv4", "aws:amz:us-east-1:s3", "--user", &user])
+                .args(["-H", "x-amz-content-sha256: UNSIGNED-PAYLOAD"])
+                .args(["--data-binary", "ready", &url])
                 .output()
-                .map(|o| {
-                    let code = String::from_utf8_lossy(&o.stdout).to_string();
-                    code != "000" && code != "404" && code != "503"
-                })
+                .map(|o| String::from_utf8_lossy(&o.stdout) == "200")
                 .unwrap_or(false);
             if ok {
                 return;
