@@ -8,6 +8,7 @@
 #
 #   W1 fit      3000x2000 q90 -> w300-q80.jpg (300x200), 8 and 32 connections
 #   W2 cover    same original -> 300x400-q80.jpg, 8 connections
+#               (W1 and W2 again with progressive_jpeg=false: baseline JPEG, what the default costs)
 #   W3 large    6000x4000 q90 -> 300x400-q80.jpg, 8 connections
 #   W4 formats  W1 as .webp and as .avif, 8 connections
 #   W5 hits     one ~30 KB variant from the memory cache, 64 connections, next to nginx serving the same
@@ -347,6 +348,12 @@ render_workload "W1 fit" 8 "$p" /w300-q80.jpg "$floor_fit" "${nocache[@]}" "${bi
 render_workload "W1 fit" 32 "$p" /w300-q80.jpg "$floor_fit" "${nocache[@]}" "${bigqueue[@]}"
 render_workload "W1 fit, default queue_size" 32 "$p" /w300-q80.jpg "$floor_fit" "${nocache[@]}"
 render_workload "W2 cover" 8 "$p" /300x400-q80.jpg "$floor_cover" "${nocache[@]}" "${bigqueue[@]}"
+# SPEC §3 makes JPEG output progressive by default; these rows show what that costs next to W1 and W2.
+baseline=(--set progressive_jpeg=false)
+render_workload "W1 fit, progressive_jpeg=false" 8 "$p" /w300-q80.jpg "$floor_fit" \
+    "${nocache[@]}" "${bigqueue[@]}" "${baseline[@]}"
+render_workload "W2 cover, progressive_jpeg=false" 8 "$p" /300x400-q80.jpg "$floor_cover" \
+    "${nocache[@]}" "${bigqueue[@]}" "${baseline[@]}"
 render_workload "W3 large cover" 8 "${p}L" /300x400-q80.jpg "$floor_large" "${nocache[@]}" "${bigqueue[@]}"
 render_workload "W4 fit webp" 8 "$p" /w300-q80.webp "" "${nocache[@]}" "${bigqueue[@]}"
 render_workload "W4 fit avif" 8 "$p" /w300-q80.avif "" "${nocache[@]}" "${bigqueue[@]}"

@@ -4,9 +4,11 @@
 //! tokio's blocking threads, at most `queue_size` more wait, and beyond that a request is refused with
 //! [`ImageError::Overloaded`] (503) instead of queueing without bound. AVIF encodes also take a permit
 //! from their own small pool so AVIF traffic cannot starve JPEG traffic. The libvips calls themselves
-//! live in [`vips`] (the only file that touches libvips); the pure size arithmetic in [`geometry`].
+//! live in [`vips`] (the only file that touches libvips); the pure size arithmetic in [`geometry`]; the
+//! SIMD resize of decoded 8-bit pixels in [`resample`].
 
 pub mod geometry;
+pub mod resample;
 pub mod vips;
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};

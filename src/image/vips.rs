@@ -13,10 +13,13 @@
 //! 3. **Decode once**, reading the original in place (a memory `VipsSource`, no copy), shrinking on
 //!    load (JPEG `shrink` 1/2/4/8, WebP `scale`), sequential access, `fail_on = warning` so a truncated
 //!    file is an error rather than a grey image; first frame only (`n = 1`).
-//! 4. **Resize** to the exact size from [`super::geometry::plan`] (alpha premultiplied meanwhile), then
-//!    apply the EXIF orientation with `autorot`, then **crop** (centre, or libvips `smartcrop` for
-//!    attention/entropy). The 8.14 JPEG loader has an `autorotate` option too, but rotating after the
-//!    resize touches the fewest pixels and works the same for PNG and WebP originals with EXIF.
+//! 4. **Resize** to the exact size from [`super::geometry::plan`] (alpha premultiplied meanwhile) and
+//!    apply the EXIF orientation, then **crop** (centre, or libvips `smartcrop` for attention/entropy).
+//!    Usually the decoded image is small (shrink-on-load did most of the work): it is pulled into
+//!    memory, turned upright with `autorot`, and resized by [`super::resample`] (SIMD Lanczos3, outside
+//!    libvips) with a centre crop folded into the same pass. Large decodes, 16-bit images and unusual
+//!    colour spaces use libvips' `resize` (lanczos3 too) instead, streaming from the decoder, with
+//!    `autorot` after the resize, where it touches the fewest pixels.
 //! 5. **Colour**: embedded ICC profile → sRGB, CMYK/16-bit → 8-bit sRGB; alpha flattened onto the
 //!    background for JPEG only.
 //! 6. **Strip** every metadata field by hand as well as asking the encoder to, then **encode** once.
@@ -44,7 +47,8 @@ use rs_vips::enums::{BandFormat, Interpretation};
 use rs_vips::voption::{Setter, VOption};
 use rs_vips::{Vips, VipsImage, VipsSource};
 
-use super::geometry::{self, Size};
+use super::geometry::{self, CropBox, Size};
+use super::resample::{self, Pixels, Window};
 use super::{DecodeLimits, Gravity, ImageError, RenderSpec, Rendered};
 use crate::request::Format;
 
@@ -375,17 +379,16 @@ pub fn render(
     if plan.output.width.max(plan.output.height) > encoder_max_side(spec.format) {
         return Err(ImageError::SourceTooLarge);
     }
-    let sideways = geometry::swaps_sides(orientation);
-    let target = if sideways {
-        plan.resized.transposed()
-    } else {
-        plan.resized
-    };
 
     DECODES.fetch_add(1, Ordering::Relaxed);
     THREAD_DECODES.with(|c| c.set(c.get() + 1));
 
     // Re-open with the decoder doing the bulk of the reduction; every other format decodes at full size.
+    let target = if geometry::swaps_sides(orientation) {
+        plan.resized.transposed()
+    } else {
+        plan.resized
+    };
     let decoded = match kind {
         Kind::Jpeg if plan.shrink > 1 => unsafe {
             load(kind, original, Reduce::JpegShrink(plan.shrink))?
@@ -401,43 +404,65 @@ pub fn render(
         _ => opened,
     };
 
-    let mut img = resize_exact(&decoded, target)?;
-    let mut in_memory = false;
-
-    // Rotation and smart crop read the image out of order, which a sequential decode cannot serve: pull
-    // the resized (small) image into memory first. This is where the decode happens, so a failure here
-    // is the original's fault.
     let smart = plan.crop.is_some() && spec.gravity != Gravity::Centre;
     let rotate = orientation > 1 && orientation <= 8;
-    if rotate || smart {
-        img = img.copy_memory().map_err(undecodable)?;
-        in_memory = true;
-    }
-    if rotate {
-        img = img.autorot().map_err(internal)?;
-    }
-    if let Some(c) = plan.crop {
-        img = match spec.gravity {
-            Gravity::Centre => img.extract_area(
-                to_i32(c.left)?,
-                to_i32(c.top)?,
+    let centre_crop = if smart { None } else { plan.crop };
+    let (mut img, in_memory) = match resample_space(&decoded) {
+        // The usual case: a small decoded image, resized in memory by `resample` (SIMD) after it is
+        // turned upright, with a centre crop folded into the resize.
+        Some(space) => {
+            // This is where the decode happens, so a failure here is the original's fault.
+            let mut img = decoded.copy_memory().map_err(undecodable)?;
+            if rotate {
+                img = img
+                    .autorot()
+                    .and_then(|i| i.copy_memory())
+                    .map_err(internal)?;
+            }
+            (
+                resample_upright(&img, space, plan.resized, centre_crop)?,
+                true,
+            )
+        }
+        // Large decoded images (no shrink-on-load for the format, or a big output), 16-bit and
+        // unusual colour spaces: libvips' own resize, streaming from the decoder where it can.
+        None => {
+            let mut img = resize_exact(&decoded, target)?;
+            // Rotation and smart crop read the image out of order, which a sequential decode cannot
+            // serve: pull the resized (small) image into memory first. Here the decode happens.
+            let in_memory = rotate || smart;
+            if in_memory {
+                img = img.copy_memory().map_err(undecodable)?;
+            }
+            if rotate {
+                img = img.autorot().map_err(internal)?;
+            }
+            if let Some(c) = centre_crop {
+                img = img
+                    .extract_area(
+                        to_i32(c.left)?,
+                        to_i32(c.top)?,
+                        to_i32(c.width)?,
+                        to_i32(c.height)?,
+                    )
+                    .map_err(internal)?;
+            }
+            (img, in_memory)
+        }
+    };
+    if let (true, Some(c)) = (smart, plan.crop) {
+        let interesting = if spec.gravity == Gravity::Attention {
+            "attention"
+        } else {
+            "entropy"
+        };
+        img = img
+            .smartcrop_with_opts(
                 to_i32(c.width)?,
                 to_i32(c.height)?,
-            ),
-            Gravity::Attention | Gravity::Entropy => {
-                let interesting = if spec.gravity == Gravity::Attention {
-                    "attention"
-                } else {
-                    "entropy"
-                };
-                img.smartcrop_with_opts(
-                    to_i32(c.width)?,
-                    to_i32(c.height)?,
-                    VOption::new().set("interesting", interesting),
-                )
-            }
-        }
-        .map_err(internal)?;
+                VOption::new().set("interesting", interesting),
+            )
+            .map_err(internal)?;
     }
     let out = dims(&img)?;
     if out != plan.output {
@@ -484,12 +509,113 @@ fn to_i32(v: u32) -> Result<i32, ImageError> {
     i32::try_from(v).map_err(|_| ImageError::SourceTooLarge)
 }
 
-/// The resampling kernel for the resize after shrink-on-load: Catmull-Rom cubic rather than libvips'
-/// default lanczos3. Measured on this machine's libvips 8.14.1 (callgrind, 3000×2000 grainy JPEG →
-/// 300×200): lanczos3 costs 7.8 M more instructions per render (+3.8 %, most of it building its sinc
-/// masks), while on a natural photo its output was only marginally closer to a full-decode lanczos3
-/// reference (mean absolute error 8.60 vs 8.78; linear 9.60, visibly softer).
-const RESIZE_KERNEL: &str = "cubic";
+/// Decoded images up to this many pixels are resized in memory by [`resample`]; larger ones (formats
+/// without shrink-on-load, big outputs) go through libvips' own resize, which streams from the decoder
+/// and never holds the whole decoded image. 4 Mpx is at most 16 MB per render in memory. Shrink-on-load
+/// leaves a JPEG (or WebP) decode under 4× the resized pixels unless the shrink is capped at 8, so
+/// every output up to 1 Mpx from such an original takes the in-memory path.
+const RESAMPLE_MAX_PIXELS: u64 = 1 << 22;
+
+/// The libvips interpretation nick to label [`resample`]'s output with, when the decoded image is one
+/// it can take: 8-bit, 1–4 bands, sRGB, greyscale or CMYK, and at most [`RESAMPLE_MAX_PIXELS`].
+/// `None` sends the render down the libvips resize path.
+fn resample_space(img: &VipsImage) -> Option<&'static str> {
+    if img.get_format().ok()? != BandFormat::Uchar || !(1..=4).contains(&img.get_bands()) {
+        return None;
+    }
+    if dims(img).ok()?.pixels() > RESAMPLE_MAX_PIXELS {
+        return None;
+    }
+    match img.get_interpretation().ok()? {
+        Interpretation::Srgb => Some("srgb"),
+        Interpretation::BW => Some("b-w"),
+        Interpretation::Cmyk => Some("cmyk"),
+        _ => None,
+    }
+}
+
+/// Resizes the upright, in-memory `img` to `resized` and cuts `crop` from it (in one pass: only the
+/// crop's pixels are computed) with [`resample`], and labels the result as `space` with `img`'s ICC
+/// profile and resolution, which is all the colour conversion and encoder read from the header.
+fn resample_upright(
+    img: &VipsImage,
+    space: &str,
+    resized: Size,
+    crop: Option<CropBox>,
+) -> Result<VipsImage, ImageError> {
+    let have = dims(img)?;
+    if have == resized {
+        return match crop {
+            None => Ok(img.clone()),
+            Some(c) => img
+                .extract_area(
+                    to_i32(c.left)?,
+                    to_i32(c.top)?,
+                    to_i32(c.width)?,
+                    to_i32(c.height)?,
+                )
+                .map_err(internal),
+        };
+    }
+    let out = crop.map_or(resized, |c| Size::new(c.width, c.height));
+    let bands = u8::try_from(img.get_bands()).map_err(|_| resample_failed("band count"))?;
+    let len = usize::try_from(have.pixels())
+        .ok()
+        .and_then(|p| p.checked_mul(usize::from(bands)))
+        .ok_or_else(|| resample_failed("image size"))?;
+    // SAFETY: `img` is an 8-bit image held in memory (`copy_memory`) and is borrowed for the whole
+    // use of `data`; libvips keeps such an image's pixels as one unpadded block of
+    // width × height × bands bytes, which `vips_image_get_data` returns (NULL on failure).
+    let data = unsafe {
+        let p = bindings::vips_image_get_data(img.as_mut_ptr());
+        if p.is_null() {
+            Vips::error_clear();
+            return Err(resample_failed("pixels not in memory"));
+        }
+        std::slice::from_raw_parts(p.cast::<u8>(), len)
+    };
+    let source = Pixels {
+        data,
+        size: have,
+        bands,
+        alpha: img.hasalpha(),
+    };
+    let window = crop.map(|c| Window::for_crop(have, resized, c));
+    let pixels = resample::resample(&source, window, out)
+        .map_err(|e| ImageError::Internal(format!("resample: {e}")))?;
+    let fresh = VipsImage::new_from_memory_copy(
+        &pixels,
+        to_i32(out.width)?,
+        to_i32(out.height)?,
+        i32::from(bands),
+        BandFormat::Uchar,
+    )
+    .map_err(internal)?;
+    let mut labelled = fresh
+        .copy_with_opts(
+            VOption::new()
+                .set("interpretation", space)
+                .set("xres", img.get_xres())
+                .set("yres", img.get_yres()),
+        )
+        .map_err(internal)?;
+    if img.get_typeof(ICC_FIELD).unwrap_or(0) != 0 {
+        let icc = img.get_blob(ICC_FIELD).map_err(internal)?;
+        labelled.set_blob_copy(ICC_FIELD, &icc).map_err(internal)?;
+    }
+    Ok(labelled)
+}
+
+fn resample_failed(what: &str) -> ImageError {
+    ImageError::Internal(format!("resample: {what}"))
+}
+
+/// The header field holding an embedded ICC profile.
+const ICC_FIELD: &str = "icc-profile-data";
+
+/// The resampling kernel of libvips' resize, used where [`resample`] is not: lanczos3, the kernel
+/// [`resample`] uses, so a 16-bit PNG and an 8-bit one look alike.
+const RESIZE_KERNEL: &str = "lanczos3";
 
 /// Resizes `img` to exactly `target` (stored orientation), premultiplying alpha meanwhile so
 /// transparent pixels' colour does not bleed into the visible edge.
@@ -541,7 +667,7 @@ fn resize_exact(img: &VipsImage, target: Size) -> Result<VipsImage, ImageError> 
 fn to_srgb8(img: VipsImage, keep_grey: bool) -> Result<VipsImage, ImageError> {
     let mut img = img;
     let mut converted = false;
-    if img.get_typeof("icc-profile-data").unwrap_or(0) != 0 {
+    if img.get_typeof(ICC_FIELD).unwrap_or(0) != 0 {
         match img.icc_transform_with_opts(
             "srgb",
             VOption::new()
@@ -1276,6 +1402,11 @@ mod tests {
                     width: 100,
                     height: 100,
                 },
+                // Cut 10 rows off the top and bottom: both marker blocks stay in the corners.
+                Version::Cover {
+                    width: 200,
+                    height: 100,
+                },
                 Version::FullSize,
             ] {
                 let out =
@@ -1287,7 +1418,7 @@ mod tests {
                     (want.width, want.height),
                     "orientation {orientation} {version}"
                 );
-                if !matches!(version, Version::Cover { .. }) {
+                if want.width != want.height {
                     assert_upright(&img, &format!("orientation {orientation} {version}"));
                 }
             }
@@ -1302,10 +1433,48 @@ mod tests {
         let stored = decode(&original);
         let raw = pixel(&stored, 50, 30);
         assert!(raw[1] > 35.0, "fixture red really is stored as P3: {raw:?}");
-        let out =
-            render(&original, &spec(Version::FullSize, Format::Png), &limits()).expect("render");
-        let p = pixel(&decode(&out.bytes), 50, 30);
-        assert!(p[0] > 245.0 && p[1] < 20.0 && p[2] < 20.0, "{p:?}");
+        // Full size keeps the decoded header; a resize goes through `resample`, which must carry the
+        // profile over to the image it builds.
+        for (version, x, y) in [(Version::FullSize, 50, 30), (Version::Width(200), 25, 15)] {
+            let out = render(&original, &spec(version, Format::Png), &limits()).expect("render");
+            let p = pixel(&decode(&out.bytes), x, y);
+            assert!(
+                p[0] > 245.0 && p[1] < 20.0 && p[2] < 20.0,
+                "{version:?}: {p:?}"
+            );
+        }
+    }
+
+    /// Mean absolute difference per sample of two same-sized 8-bit images.
+    fn mean_abs_diff(a: &VipsImage, b: &VipsImage) -> f64 {
+        let d = a.subtract(b).and_then(|d| d.abs()).expect("difference");
+        d.avg().expect("average")
+    }
+
+    #[test]
+    fn both_resize_paths_agree_with_a_full_decode_reference() {
+        setup();
+        // The in-memory path (`resample` after shrink-on-load) for JPEG; the libvips path for a PNG
+        // decoded above RESAMPLE_MAX_PIXELS. Both against libvips' lanczos3 from the full decode.
+        let (w, h) = (2400u32, 1800u32);
+        assert!(u64::from(w) * u64::from(h) > RESAMPLE_MAX_PIXELS);
+        let jpeg = fixtures::jpeg(w, h, 95);
+        let full = decode(&jpeg);
+        let png = full
+            .pngsave_buffer_with_opts(VOption::new().set("compression", 1))
+            .expect("png");
+        let reference = full
+            .resize_with_opts(0.125, VOption::new().set("kernel", "lanczos3"))
+            .expect("reference");
+        for (original, label) in [(&jpeg, "jpeg"), (&png, "png")] {
+            let out = render(original, &spec(Version::Width(300), Format::Png), &limits())
+                .expect("render");
+            let img = decode(&out.bytes);
+            assert_eq!((img.get_width(), img.get_height()), (300, 225), "{label}");
+            let mad = mean_abs_diff(&img, &reference);
+            // Shrink-on-load's DCT scaling differs a little from a full decode, and grain is sharp.
+            assert!(mad < 6.0, "{label}: mean difference {mad}");
+        }
     }
 
     fn exiftool_groups(bytes: &[u8], ext: &str) -> Option<Vec<String>> {
@@ -1588,7 +1757,7 @@ mod tests {
             ours == with(RESIZE_KERNEL),
             "same as an explicit {RESIZE_KERNEL}"
         );
-        assert!(ours != with("lanczos3"), "not libvips' default kernel");
+        assert!(ours != with("cubic"), "not the cubic kernel");
     }
 
     #[test]
