@@ -15,9 +15,10 @@
 //!    file is an error rather than a grey image; first frame only (`n = 1`).
 //! 4. **Resize** to the exact size from [`super::geometry::plan`] (alpha premultiplied meanwhile) and
 //!    apply the EXIF orientation, then **crop** (centre, or libvips `smartcrop` for attention/entropy).
-//!    Usually the decoded image is small (shrink-on-load did most of the work): it is pulled into
-//!    memory, turned upright with `autorot`, and resized by [`super::resample`] (SIMD Lanczos3, outside
-//!    libvips) with a centre crop folded into the same pass. Large decodes, 16-bit images and unusual
+//!    Usually the decoded image is small (shrink-on-load did most of the work): it is decoded in one
+//!    piece on the render thread (a whole-image region, no libvips worker thread), turned upright with
+//!    `autorot` when EXIF asks, and resized by [`super::resample`] (SIMD Lanczos3, outside libvips)
+//!    with a centre crop folded into the same pass. Large decodes, 16-bit images and unusual
 //!    colour spaces use libvips' `resize` (lanczos3 too) instead, streaming from the decoder, with
 //!    `autorot` after the resize, where it touches the fewest pixels.
 //! 5. **Colour**: embedded ICC profile → sRGB, CMYK/16-bit → 8-bit sRGB; alpha flattened onto the
@@ -411,16 +412,23 @@ pub fn render(
         // The usual case: a small decoded image, resized in memory by `resample` (SIMD) after it is
         // turned upright, with a centre crop folded into the resize.
         Some(space) => {
-            // This is where the decode happens, so a failure here is the original's fault.
-            let mut img = decoded.copy_memory().map_err(undecodable)?;
-            if rotate {
-                img = img
+            let upright = if rotate {
+                // The decode happens in `copy_memory`, so a failure there is the original's fault.
+                decoded
+                    .copy_memory()
+                    .map_err(undecodable)?
                     .autorot()
                     .and_then(|i| i.copy_memory())
-                    .map_err(internal)?;
-            }
+                    .map_err(internal)?
+            } else if dims(&decoded)? == plan.resized {
+                decoded.copy_memory().map_err(undecodable)?
+            } else {
+                // Still lazy: `resample_upright` decodes it on this thread, straight into the buffer
+                // it reads.
+                decoded
+            };
             (
-                resample_upright(&img, space, plan.resized, centre_crop)?,
+                resample_upright(&upright, space, plan.resized, centre_crop)?,
                 true,
             )
         }
@@ -534,9 +542,11 @@ fn resample_space(img: &VipsImage) -> Option<&'static str> {
     }
 }
 
-/// Resizes the upright, in-memory `img` to `resized` and cuts `crop` from it (in one pass: only the
-/// crop's pixels are computed) with [`resample`], and labels the result as `space` with `img`'s ICC
-/// profile and resolution, which is all the colour conversion and encoder read from the header.
+/// Resizes the upright `img` to `resized` and cuts `crop` from it (in one pass: only the crop's pixels
+/// are computed) with [`resample`], and labels the result as `space` with `img`'s ICC profile and
+/// resolution, which is all the colour conversion and encoder read from the header. `img` is either in
+/// memory or lazy, straight from the loader; then this is where it is decoded ([`WholeImage`]), and a
+/// decoder failure is [`ImageError::Undecodable`].
 fn resample_upright(
     img: &VipsImage,
     space: &str,
@@ -559,21 +569,8 @@ fn resample_upright(
     }
     let out = crop.map_or(resized, |c| Size::new(c.width, c.height));
     let bands = u8::try_from(img.get_bands()).map_err(|_| resample_failed("band count"))?;
-    let len = usize::try_from(have.pixels())
-        .ok()
-        .and_then(|p| p.checked_mul(usize::from(bands)))
-        .ok_or_else(|| resample_failed("image size"))?;
-    // SAFETY: `img` is an 8-bit image held in memory (`copy_memory`) and is borrowed for the whole
-    // use of `data`; libvips keeps such an image's pixels as one unpadded block of
-    // width × height × bands bytes, which `vips_image_get_data` returns (NULL on failure).
-    let data = unsafe {
-        let p = bindings::vips_image_get_data(img.as_mut_ptr());
-        if p.is_null() {
-            Vips::error_clear();
-            return Err(resample_failed("pixels not in memory"));
-        }
-        std::slice::from_raw_parts(p.cast::<u8>(), len)
-    };
+    let whole = WholeImage::prepare(img, have, bands)?;
+    let data = whole.data();
     let source = Pixels {
         data,
         size: have,
@@ -604,6 +601,84 @@ fn resample_upright(
         labelled.set_blob_copy(ICC_FIELD, &icc).map_err(internal)?;
     }
     Ok(labelled)
+}
+
+/// Every pixel of an 8-bit image, computed on the calling thread into one libvips region that covers
+/// the whole image.
+///
+/// For a lazy image straight from a loader this *is* the decode, without `copy_memory`'s detour:
+/// that runs the pipeline on a libvips worker thread strip by strip (a thread hand-off and a
+/// semaphore round trip per strip) and then copies each strip into the memory image. For an image
+/// already in memory the region just points into it.
+struct WholeImage {
+    region: *mut bindings::VipsRegion,
+    len: usize,
+}
+
+impl WholeImage {
+    /// Prepares the region. A failure is [`ImageError::Undecodable`]: for a lazy image it is the
+    /// decoder failing on the original.
+    fn prepare(img: &VipsImage, size: Size, bands: u8) -> Result<WholeImage, ImageError> {
+        let row = usize::try_from(size.width)
+            .ok()
+            .and_then(|w| w.checked_mul(usize::from(bands)))
+            .ok_or_else(|| resample_failed("image size"))?;
+        let len = usize::try_from(size.height)
+            .ok()
+            .and_then(|h| h.checked_mul(row))
+            .ok_or_else(|| resample_failed("image size"))?;
+        let rect = bindings::VipsRect {
+            left: 0,
+            top: 0,
+            width: to_i32(size.width)?,
+            height: to_i32(size.height)?,
+        };
+        // SAFETY: `img` is a live image for the whole call. The region holds its own reference to
+        // it, and `WholeImage` owns the region (one reference, dropped in `Drop`).
+        let whole = unsafe {
+            let region = bindings::vips_region_new(img.as_mut_ptr());
+            if region.is_null() {
+                Vips::error_clear();
+                return Err(ImageError::Undecodable);
+            }
+            WholeImage { region, len }
+        };
+        // SAFETY: `whole.region` is the valid region made above; `rect` outlives the call.
+        let prepared = unsafe { bindings::vips_region_prepare(whole.region, &rect) };
+        if prepared != 0 {
+            Vips::error_clear();
+            return Err(ImageError::Undecodable);
+        }
+        // SAFETY: the region is valid; these are plain fields libvips set while preparing it.
+        let (valid, bpl, data) = unsafe {
+            let r = &*whole.region;
+            (r.valid, r.bpl, r.data)
+        };
+        let covers = valid.left == 0
+            && valid.top == 0
+            && valid.width == rect.width
+            && valid.height == rect.height;
+        // Rows must be back to back for one slice to hold the image: true of a region that spans
+        // the full width, whether it owns a buffer or points into a memory image.
+        if !covers || data.is_null() || usize::try_from(bpl).ok() != Some(row) {
+            return Err(resample_failed("region does not hold the whole image"));
+        }
+        Ok(whole)
+    }
+
+    fn data(&self) -> &[u8] {
+        // SAFETY: `prepare` checked that the region's pixels start at `data` and are `len` bytes
+        // (height rows of exactly `row` bytes, the whole image); the region, and with it the
+        // buffer, lives as long as `self`, and nothing writes to it meanwhile.
+        unsafe { std::slice::from_raw_parts((*self.region).data.cast_const(), self.len) }
+    }
+}
+
+impl Drop for WholeImage {
+    fn drop(&mut self) {
+        // SAFETY: `self.region` is the one reference `prepare` took; it is not used after this.
+        unsafe { bindings::g_object_unref(self.region.cast()) };
+    }
 }
 
 fn resample_failed(what: &str) -> ImageError {
@@ -1956,9 +2031,19 @@ mod tests {
                 .and_then(|i| i.copy_memory());
         assert!(lenient.is_ok(), "libvips default is lenient");
         Vips::error_clear();
-        for (name, bytes) in [("jpeg", &jpeg), ("png", &png)] {
+        // Each way a decode can happen: streaming (full size), on the render thread (w40, cover),
+        // and through memory for a sideways EXIF orientation.
+        let sideways = fixtures::jpeg_with_exif(400, 240, 6);
+        for (name, bytes) in [("jpeg", &jpeg), ("png", &png), ("rotated jpeg", &sideways)] {
             let cut = &bytes[..bytes.len() * 2 / 3];
-            for version in [Version::FullSize, Version::Width(40)] {
+            for version in [
+                Version::FullSize,
+                Version::Width(40),
+                Version::Cover {
+                    width: 40,
+                    height: 40,
+                },
+            ] {
                 assert_eq!(
                     render(cut, &spec(version, Format::Jpeg), &limits()).map(|_| ()),
                     Err(ImageError::Undecodable),
