@@ -412,16 +412,29 @@ pub fn render(
         // The usual case: a small decoded image, resized in memory by `resample` (SIMD) after it is
         // turned upright, with a centre crop folded into the resize.
         Some(space) => {
-            let upright = if rotate {
-                // The decode happens in `copy_memory`, so a failure there is the original's fault.
-                decoded
-                    .copy_memory()
-                    .map_err(undecodable)?
-                    .autorot()
-                    .and_then(|i| i.copy_memory())
-                    .map_err(internal)?
-            } else if dims(&decoded)? == plan.resized {
-                decoded.copy_memory().map_err(undecodable)?
+            let stored_decoded = dims(&decoded)?;
+            let upright_size = if geometry::swaps_sides(orientation) {
+                stored_decoded.transposed()
+            } else {
+                stored_decoded
+            };
+            let upright = if upright_size == plan.resized {
+                // Nothing to resample: decode into memory (a decoder failure is the original's
+                // fault), then turn upright there, since the encoder reads in strips that a rotated
+                // sequential decode could not serve.
+                let img = decoded.copy_memory().map_err(undecodable)?;
+                if rotate {
+                    img.autorot()
+                        .and_then(|i| i.copy_memory())
+                        .map_err(internal)?
+                } else {
+                    img
+                }
+            } else if rotate {
+                // Still lazy: the one whole-image request in `resample_upright` asks `autorot` for
+                // everything at once, which asks the loader for everything at once, top to bottom,
+                // as sequential access requires.
+                decoded.autorot().map_err(internal)?
             } else {
                 // Still lazy: `resample_upright` decodes it on this thread, straight into the buffer
                 // it reads.
@@ -1481,6 +1494,13 @@ mod tests {
                 Version::Cover {
                     width: 200,
                     height: 100,
+                },
+                // Sizes that shrink-on-load (1/2 here) does not hit exactly, so the rotation runs
+                // lazily in front of the resample instead of on a decoded copy.
+                Version::Width(150),
+                Version::Cover {
+                    width: 150,
+                    height: 80,
                 },
                 Version::FullSize,
             ] {
