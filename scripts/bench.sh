@@ -33,7 +33,7 @@
 # The load generator runs on the same machine (wrk, one thread) and takes CPU from the server: on a
 # 2-core box that costs the server a few percent at render rates and much more at W5's hit rates.
 #
-# Usage: scripts/bench.sh                 full run: 15 s per workload (+1 s warm-up), ~4 min in all
+# Usage: scripts/bench.sh                 full run: 15 s per workload (+1 s warm-up), ~7 min in all
 #        BENCH_QUICK=1 scripts/bench.sh   smoke run: 2 s per workload, no warm-up, 10 floor runs
 #        BENCH_DURATION=N                 seconds per workload (overrides both)
 #        BENCH_ONLY='W1|W5'               only the workloads whose name matches this extended regex

@@ -2,16 +2,18 @@
 //! done on 8-bit pixels in memory with `fast_image_resize` (SIMD separable convolution, Lanczos3).
 //!
 //! No libvips here. [`super::vips::render`] decodes (with the JPEG `shrink` / WebP `scale` doing the
-//! bulk of the reduction), pulls the small decoded image into memory, turns it upright, and hands its
+//! bulk of the reduction) the upright image in one piece on the render thread and hands its
 //! interleaved bytes to [`resample`]; it wraps the bytes that come back as a libvips image again for
 //! the colour conversion, smart crop and encoder. A centre crop is folded into the resize as a
 //! [`Window`] of the source, so only the output's own pixels are computed.
 //!
 //! Why not libvips' `resize`: on this machine's libvips 8.14.1 its `reduce` (plus the ORC code it
-//! JIT-compiles per call) was the largest cost after the JPEG decode itself. Measured in-process
-//! (interleaved, 30 renders each, 3000×2000 q90 JPEG): fit to 300×200 38.3 ms CPU with libvips'
-//! `cubic` against 34.0 ms here with Lanczos3; cover to 300×400 49.2 against 45.7 ms. Lanczos3 costs
-//! here what Catmull-Rom costs, so the sharper kernel is free.
+//! JIT-compiles per call) was the largest cost after the JPEG decode itself. The resample here costs
+//! ~5 M instructions for 375×250 → 300×200 and ~9 M for the 375×500 window → 300×400 of a cover
+//! crop (callgrind). With the render-thread decode that came with it (see `vips.rs`), CPU per render
+//! of a 3000×2000 q90 JPEG went from 40.3 to 36.7 ms (fit to w300) and from 53.7 to 48.2 ms (cover to
+//! 300×400), in-process, interleaved. In the first trial Lanczos3 cost here what Catmull-Rom cost
+//! (34.0 vs 34.8 ms per fit render, within noise), so the sharper kernel is free.
 //!
 //! Alpha (2 or 4 bands with an alpha channel) is premultiplied for the convolution and divided out
 //! after it, so transparent pixels' colour never bleeds into visible edges. Four bands without alpha
@@ -152,6 +154,16 @@ mod tests {
         v
     }
 
+    /// `data` as `size` pixels of `bands` bands, none of them alpha.
+    fn plain(data: &[u8], size: Size, bands: u8) -> Pixels<'_> {
+        Pixels {
+            data,
+            size,
+            bands,
+            alpha: false,
+        }
+    }
+
     fn at(data: &[u8], size: Size, bands: u8, x: u32, y: u32) -> &[u8] {
         let b = usize::from(bands);
         let i = (y as usize * size.width as usize + x as usize) * b;
@@ -190,12 +202,7 @@ mod tests {
         // Downscaling a linear ramp must give (nearly) the ramp's value at each output pixel's centre.
         let src_size = Size::new(400, 300);
         let data = card(src_size, 3);
-        let px = Pixels {
-            data: &data,
-            size: src_size,
-            bands: 3,
-            alpha: false,
-        };
+        let px = plain(&data, src_size, 3);
         let out = Size::new(100, 75);
         let got = resample(&px, None, out).expect("resample");
         let p = at(&got, out, 3, 50, 30);
@@ -209,12 +216,7 @@ mod tests {
     fn a_window_equals_the_same_cut_of_the_full_resize() {
         let src_size = Size::new(750, 500);
         let data = card(src_size, 3);
-        let px = Pixels {
-            data: &data,
-            size: src_size,
-            bands: 3,
-            alpha: false,
-        };
+        let px = plain(&data, src_size, 3);
         let resized = Size::new(600, 400);
         let crop = CropBox {
             left: 150,
@@ -269,12 +271,7 @@ mod tests {
                     "{source:?} {crop:?} {w:?}"
                 );
                 let data = vec![128u8; source.pixels() as usize];
-                let px = Pixels {
-                    data: &data,
-                    size: source,
-                    bands: 1,
-                    alpha: false,
-                };
+                let px = plain(&data, source, 1);
                 let got = resample(&px, Some(w), Size::new(cw, ch)).expect("in bounds");
                 assert!(got.iter().all(|&v| v == 128), "flat stays flat");
             }
@@ -325,32 +322,17 @@ mod tests {
     #[test]
     fn wrong_layouts_are_errors_not_panics() {
         let data = vec![0u8; 10];
-        let short = Pixels {
-            data: &data,
-            size: Size::new(4, 4),
-            bands: 3,
-            alpha: false,
-        };
+        let short = plain(&data, Size::new(4, 4), 3);
         assert!(matches!(
             resample(&short, None, Size::new(2, 2)),
             Err(ResampleError::Buffer(_))
         ));
-        let five = Pixels {
-            data: &data,
-            size: Size::new(1, 2),
-            bands: 5,
-            alpha: false,
-        };
+        let five = plain(&data, Size::new(1, 2), 5);
         assert!(matches!(
             resample(&five, None, Size::new(1, 1)),
             Err(ResampleError::Bands(5))
         ));
-        let ok = Pixels {
-            data: &data,
-            size: Size::new(1, 10),
-            bands: 1,
-            alpha: false,
-        };
+        let ok = plain(&data, Size::new(1, 10), 1);
         let outside = Window {
             left: 0.0,
             top: 5.0,
