@@ -459,14 +459,7 @@ pub fn render(
                 img = img.autorot().map_err(internal)?;
             }
             if let Some(c) = centre_crop {
-                img = img
-                    .extract_area(
-                        to_i32(c.left)?,
-                        to_i32(c.top)?,
-                        to_i32(c.width)?,
-                        to_i32(c.height)?,
-                    )
-                    .map_err(internal)?;
+                img = cut(&img, c)?;
             }
             (img, in_memory)
         }
@@ -570,14 +563,7 @@ fn resample_upright(
     if have == resized {
         return match crop {
             None => Ok(img.clone()),
-            Some(c) => img
-                .extract_area(
-                    to_i32(c.left)?,
-                    to_i32(c.top)?,
-                    to_i32(c.width)?,
-                    to_i32(c.height)?,
-                )
-                .map_err(internal),
+            Some(c) => cut(img, c),
         };
     }
     let out = crop.map_or(resized, |c| Size::new(c.width, c.height));
@@ -591,8 +577,8 @@ fn resample_upright(
         alpha: img.hasalpha(),
     };
     let window = crop.map(|c| Window::for_crop(have, resized, c));
-    let pixels = resample::resample(&source, window, out)
-        .map_err(|e| ImageError::Internal(format!("resample: {e}")))?;
+    let pixels =
+        resample::resample(&source, window, out).map_err(|e| resample_failed(&e.to_string()))?;
     let fresh = VipsImage::new_from_memory_copy(
         &pixels,
         to_i32(out.width)?,
@@ -692,6 +678,17 @@ impl Drop for WholeImage {
         // SAFETY: `self.region` is the one reference `prepare` took; it is not used after this.
         unsafe { bindings::g_object_unref(self.region.cast()) };
     }
+}
+
+/// The `c` window of `img`.
+fn cut(img: &VipsImage, c: CropBox) -> Result<VipsImage, ImageError> {
+    img.extract_area(
+        to_i32(c.left)?,
+        to_i32(c.top)?,
+        to_i32(c.width)?,
+        to_i32(c.height)?,
+    )
+    .map_err(internal)
 }
 
 fn resample_failed(what: &str) -> ImageError {
