@@ -1518,6 +1518,38 @@ mod tests {
     }
 
     #[test]
+    fn exif_orientation_of_png_and_webp_originals_is_applied() {
+        setup();
+        // The sideways JPEG fixture re-saved losslessly as PNG and WebP, keeping its EXIF block.
+        let stored = decode(&fixtures::jpeg_with_exif(400, 240, 6));
+        let png = stored
+            .pngsave_buffer_with_opts(VOption::new().set("compression", 1))
+            .expect("png");
+        let webp = stored
+            .webpsave_buffer_with_opts(VOption::new().set("lossless", true))
+            .expect("webp");
+        for (name, bytes) in [("png", &png), ("webp", &webp)] {
+            let reopened = decode(bytes);
+            assert_eq!(
+                reopened.get_orientation(),
+                6,
+                "{name} keeps the orientation"
+            );
+            for version in [Version::Width(150), Version::Width(200), Version::FullSize] {
+                let out = render(bytes, &spec(version, Format::Png), &limits()).expect("render");
+                let img = decode(&out.bytes);
+                let want = geometry::plan(&version, Size::new(400, 240), 1, true).output;
+                assert_eq!(
+                    (img.get_width() as u32, img.get_height() as u32),
+                    (want.width, want.height),
+                    "{name} {version}"
+                );
+                assert_upright(&img, &format!("{name} {version}"));
+            }
+        }
+    }
+
+    #[test]
     fn embedded_icc_profile_is_converted_to_srgb() {
         setup();
         // The red marker is stored in Display P3 as about (234, 51, 35); converted back it is pure red.
