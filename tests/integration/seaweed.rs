@@ -106,12 +106,22 @@ impl Seaweed {
         ]
     }
 
-    /// Stops the process (data kept), as an outage.
-    pub fn stop(&mut self) {
+    /// Kills the process and removes the admin gRPC socket it leaves behind (a killed `weed` cannot;
+    /// it names the socket after the implied gRPC port, admin + 10000, in the temp directory).
+    fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
         }
+        let grpc = u32::from(self.ports.admin) + 10_000;
+        let _ = std::fs::remove_file(
+            std::env::temp_dir().join(format!("seaweedfs-admin-grpc-{grpc}.sock")),
+        );
+    }
+
+    /// Stops the process (data kept), as an outage.
+    pub fn stop(&mut self) {
+        self.kill();
         // Wait until the S3 port is really closed.
         let deadline = Instant::now() + Duration::from_secs(10);
         while std::net::TcpStream::connect(("127.0.0.1", self.ports.s3)).is_ok()
@@ -181,9 +191,6 @@ impl Seaweed {
 
 impl Drop for Seaweed {
     fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        self.kill();
     }
 }
