@@ -146,6 +146,20 @@ impl Pipeline {
             });
         }
         m::incr(m::CACHE_MEMORY_MISS);
+        // Boxed: everything below (the single-flight wait, the load it may start) would otherwise be
+        // part of this future's size, which is moved several times per request on the hit path too.
+        Box::pin(self.serve_miss(req, format, source, key)).await
+    }
+
+    /// The memory cache did not have `key`: negative entry, then a single-flight load.
+    async fn serve_miss(
+        &self,
+        req: &ImageRequest,
+        format: Format,
+        source: Option<&SourceUrl>,
+        key: CacheKey,
+    ) -> Result<Served, Error> {
+        let inner = &self.inner;
         let original = match source {
             Some(s) => format!("{}/source-{}", req.original_id(), s.digest()),
             None => req.original_id(),

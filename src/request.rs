@@ -335,24 +335,47 @@ impl ImageRequest {
     /// `format` may differ from [`ImageRequest::format`] when `auto_format` picked another one; the
     /// quality then follows the picked format's default unless the URL named one.
     pub fn canonical_name(&self, format: Format) -> String {
-        match self.quality {
-            Some(q) if format.uses_quality() => format!("{}-q{}.{}", self.version, q, format.ext()),
-            _ => format!("{}.{}", self.version, format.ext()),
+        let mut name = String::with_capacity(24);
+        self.push_canonical_name(&mut name, format);
+        name
+    }
+
+    /// Appends [`ImageRequest::canonical_name`] to `out`.
+    fn push_canonical_name(&self, out: &mut String, format: Format) {
+        use fmt::Write;
+        // (Writing to a String cannot fail.)
+        let _ = write!(out, "{}", self.version);
+        if let (Some(q), true) = (self.quality, format.uses_quality()) {
+            let _ = write!(out, "-q{q}");
         }
+        out.push('.');
+        out.push_str(format.ext());
     }
 
     /// `{model}/{type}/{id}`: names the original (cache tags, purge, originals cache).
     pub fn original_id(&self) -> String {
-        format!("{}/{}/{}", self.model, self.kind, self.id)
+        let mut id = String::with_capacity(self.model.len() + self.kind.len() + self.id.len() + 2);
+        self.push_original_id(&mut id);
+        id
     }
 
-    /// The cache key for this request rendered as `format`.
+    fn push_original_id(&self, out: &mut String) {
+        out.push_str(&self.model);
+        out.push('/');
+        out.push_str(&self.kind);
+        out.push('/');
+        out.push_str(&self.id);
+    }
+
+    /// The cache key for this request rendered as `format`. Built in one string: it is made on every
+    /// request, hits included.
     pub fn cache_key(&self, format: Format) -> CacheKey {
-        CacheKey(format!(
-            "{}/{}",
-            self.original_id(),
-            self.canonical_name(format)
-        ))
+        let mut key =
+            String::with_capacity(self.model.len() + self.kind.len() + self.id.len() + 28);
+        self.push_original_id(&mut key);
+        key.push('/');
+        self.push_canonical_name(&mut key, format);
+        CacheKey(key)
     }
 
     /// The cache key for this request rendered as `format` from a `?source=` original whose URL

@@ -11,6 +11,7 @@ pub mod remote;
 use std::time::SystemTime;
 
 use bytes::Bytes;
+use http::HeaderValue;
 use sha2::{Digest, Sha256};
 
 use crate::request::Format;
@@ -48,6 +49,10 @@ pub struct Variant {
     pub etag: String,
     /// When this variant was first generated (kept in the result store as the object's time).
     pub last_modified: SystemTime,
+    /// `etag` as a header value, made once: a memory hit copies a reference, not the text.
+    pub etag_header: HeaderValue,
+    /// `Last-Modified`: `last_modified` (never later than when this value was made), formatted once.
+    pub last_modified_header: HeaderValue,
     /// The tier it came from when it was loaded (a later memory hit reports `Memory`).
     pub loaded_from: Tier,
 }
@@ -61,11 +66,18 @@ impl Variant {
         loaded_from: Tier,
     ) -> Variant {
         let etag = etag_for(&bytes);
+        // Hex digits and quotes, and an HTTP date: always valid header values.
+        let etag_header = HeaderValue::from_str(&etag).unwrap_or(HeaderValue::from_static("\"\""));
+        let date = httpdate::fmt_http_date(last_modified.min(SystemTime::now()));
+        let last_modified_header = HeaderValue::from_str(&date)
+            .unwrap_or(HeaderValue::from_static("Thu, 01 Jan 1970 00:00:00 GMT"));
         Variant {
             bytes,
             format,
             etag,
             last_modified,
+            etag_header,
+            last_modified_header,
             loaded_from,
         }
     }
