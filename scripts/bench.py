@@ -207,11 +207,19 @@ def record(pairs):
 
 
 def wrk_stats(path):
+    """The BENCH line of a wrk output; several (W5's rounds) are summed: requests, duration and
+    errors add up, p50 is the median round's and p99 the worst round's."""
+    rounds = []
     with open(path) as f:
         for line in f:
             if line.startswith("BENCH "):
-                return {k: int(v) for k, v in (p.split("=", 1) for p in line.split()[1:])}
-    sys.exit(f"bench.py: no BENCH line in {path}")
+                rounds.append({k: int(v) for k, v in (p.split("=", 1) for p in line.split()[1:])})
+    if not rounds:
+        sys.exit(f"bench.py: no BENCH line in {path}")
+    total = {k: sum(r[k] for r in rounds) for k in rounds[0]}
+    total["p50_us"] = sorted(r["p50_us"] for r in rounds)[len(rounds) // 2]
+    total["p99_us"] = max(r["p99_us"] for r in rounds)
+    return total
 
 
 def ratio(ours_path, theirs_path):
