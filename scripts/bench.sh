@@ -316,10 +316,19 @@ ids_note() { # wrk output file -> a note when the ids wrapped around
     [ "${n:-0}" -gt "$ids" ] && echo "; ids reused after $ids" || true
 }
 
-# render_workload NAME CONNS PATH_PREFIX SUFFIX FLOOR_MS [SERVER ARGS...]
+# row_floor "JPEG SCALE": djpeg's CPU per image now, over half the start-up floor's runs. Each render
+# row measures it right before and right after its wrk run and divides by the mean of the two, so a
+# drift of this VM's speed during the ~8 minutes of workloads (the floor alone moved 39.5-43.9 ms
+# between runs) does not land on one side of the ratio only.
+row_floor() {
+    bench_py floor "${1% *}" "${1##* }" $(((floor_runs + 1) / 2))
+}
+
+# render_workload NAME CONNS PATH_PREFIX SUFFIX FLOOR_SPEC [SERVER ARGS...]
+# FLOOR_SPEC is "JPEG SCALE" for djpeg, or empty for rows without a floor.
 render_workload() {
-    local name=$1 conns=$2 prefix=$3 suffix=$4 floor=$5 lua="$work/w.lua" out="$work/wrk.out"
-    local cpu0 cpu1 hwm note
+    local name=$1 conns=$2 prefix=$3 suffix=$4 floor_spec=$5 lua="$work/w.lua" out="$work/wrk.out"
+    local cpu0 cpu1 hwm note floor="" f0 f1
     shift 5
     want "$name" || return 0
     say "$name, $conns connections"
@@ -330,10 +339,16 @@ render_workload() {
         run_wrk "$conns" "$lua" "$out" "$port" 1
         wait_idle
     fi
+    [ -n "$floor_spec" ] && f0="$(row_floor "$floor_spec")"
     cpu0="$(bench_py cpu "$server_pid")"
     run_wrk "$conns" "$lua" "$out" "$port"
     cpu1="$(bench_py cpu "$server_pid")"
     wait_idle
+    if [ -n "$floor_spec" ]; then
+        f1="$(row_floor "$floor_spec")"
+        floor="$(awk "BEGIN { printf \"%.2f\", ($f0 + $f1) / 2 }")"
+        note+="; floor $f0/$f1 ms"
+    fi
     hwm="$(bench_py hwm "$server_pid")"
     note+="$(ids_note "$out")"
     bench_py record name="$name" conns="$conns" wrk="$out" hwm_mb="$hwm" floor_ms="$floor" \
@@ -344,17 +359,19 @@ render_workload() {
 # --- Workloads ----------------------------------------------------------------------------------
 
 p=/product/image/
-render_workload "W1 fit" 8 "$p" /w300-q80.jpg "$floor_fit" "${nocache[@]}" "${bigqueue[@]}"
-render_workload "W1 fit" 32 "$p" /w300-q80.jpg "$floor_fit" "${nocache[@]}" "${bigqueue[@]}"
-render_workload "W1 fit, default queue_size" 32 "$p" /w300-q80.jpg "$floor_fit" "${nocache[@]}"
-render_workload "W2 cover" 8 "$p" /300x400-q80.jpg "$floor_cover" "${nocache[@]}" "${bigqueue[@]}"
+fit="$big 1/8"
+cover="$big 1/4"
+render_workload "W1 fit" 8 "$p" /w300-q80.jpg "$fit" "${nocache[@]}" "${bigqueue[@]}"
+render_workload "W1 fit" 32 "$p" /w300-q80.jpg "$fit" "${nocache[@]}" "${bigqueue[@]}"
+render_workload "W1 fit, default queue_size" 32 "$p" /w300-q80.jpg "$fit" "${nocache[@]}"
+render_workload "W2 cover" 8 "$p" /300x400-q80.jpg "$cover" "${nocache[@]}" "${bigqueue[@]}"
 # SPEC §3 makes JPEG output progressive by default; these rows show what that costs next to W1 and W2.
 baseline=(--set progressive_jpeg=false)
-render_workload "W1 fit, progressive_jpeg=false" 8 "$p" /w300-q80.jpg "$floor_fit" \
+render_workload "W1 fit, progressive_jpeg=false" 8 "$p" /w300-q80.jpg "$fit" \
     "${nocache[@]}" "${bigqueue[@]}" "${baseline[@]}"
-render_workload "W2 cover, progressive_jpeg=false" 8 "$p" /300x400-q80.jpg "$floor_cover" \
+render_workload "W2 cover, progressive_jpeg=false" 8 "$p" /300x400-q80.jpg "$cover" \
     "${nocache[@]}" "${bigqueue[@]}" "${baseline[@]}"
-render_workload "W3 large cover" 8 "${p}L" /300x400-q80.jpg "$floor_large" "${nocache[@]}" "${bigqueue[@]}"
+render_workload "W3 large cover" 8 "${p}L" /300x400-q80.jpg "$large 1/8" "${nocache[@]}" "${bigqueue[@]}"
 render_workload "W4 fit webp" 8 "$p" /w300-q80.webp "" "${nocache[@]}" "${bigqueue[@]}"
 render_workload "W4 fit avif" 8 "$p" /w300-q80.avif "" "${nocache[@]}" "${bigqueue[@]}"
 
@@ -503,7 +520,8 @@ mkdir -p "$root/target/bench"
     echo "originals: $(vipsheader "$big" | sed 's/.*: //; s/ .*//') $(du -k "$big" | cut -f1) KB," \
         "$(vipsheader "$large" | sed 's/.*: //; s/ .*//') $(du -k "$large" | cut -f1) KB (q90, 4:4:4, grainy)"
     echo "floor (djpeg CPU per image, mean of $floor_runs): -scale 1/8 = $floor_fit ms (W1)," \
-        "-scale 1/4 = $floor_cover ms (W2), 6000x4000 -scale 1/8 = $floor_large ms (W3)"
+        "-scale 1/4 = $floor_cover ms (W2), 6000x4000 -scale 1/8 = $floor_large ms (W3);" \
+        "each row's x floor divides by the mean of djpeg runs just before and after that row (notes)"
     echo "server: W1-W4 and mixed with memory_cache_mb=0 originals_cache_mb=0 queue_size=64" \
         "(unless noted); W5, W6 with the defaults; restarted for each row (peak RSS is per row)"
     echo
