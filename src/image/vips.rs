@@ -827,14 +827,23 @@ fn field_names(img: &VipsImage) -> Vec<String> {
 
 /// A copy of `img` without EXIF, XMP, IPTC, ICC, orientation or comment fields. The copy shares the
 /// pixels; only the header is new, so this costs nothing but makes every encoder metadata-free even
-/// where its `strip` option is broken (libvips 8.14.1 WebP).
+/// where its `strip` option is broken (libvips 8.14.1 WebP). An image that carries none of them (the
+/// usual case after [`resample_upright`], which labels a fresh image) is returned as it is: one
+/// libvips operation fewer per render.
 fn strip_metadata(img: &VipsImage) -> Result<VipsImage, ImageError> {
+    let doomed: Vec<String> = field_names(img)
+        .into_iter()
+        .filter(|name| {
+            METADATA_PREFIXES.iter().any(|p| name.starts_with(p)) || name.contains("comment")
+        })
+        .collect();
+    if doomed.is_empty() {
+        return Ok(img.clone());
+    }
     let mut copy = img.copy().map_err(internal)?;
-    for name in field_names(&copy) {
-        if METADATA_PREFIXES.iter().any(|p| name.starts_with(p)) || name.contains("comment") {
-            // A field that vanished in between is fine: the goal is its absence.
-            let _ = copy.remove(&name);
-        }
+    for name in doomed {
+        // A field that vanished in between is fine: the goal is its absence.
+        let _ = copy.remove(&name);
     }
     Ok(copy)
 }
