@@ -76,7 +76,22 @@ impl Nginx {
 }
 
 impl Drop for Nginx {
+    /// TERM, so the master stops its worker and cache manager before exiting; KILL after 5 s. A
+    /// KILLed master leaves them running, orphaned, after the test process is gone.
     fn drop(&mut self) {
+        if let Ok(pid) = libc::pid_t::try_from(self.child.id()) {
+            // SAFETY: kill(2) on our own child's pid, which has not been waited for (not reused).
+            unsafe {
+                libc::kill(pid, libc::SIGTERM);
+            }
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = self.child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
