@@ -86,6 +86,7 @@ impl Pipeline {
         let processor = Processor::new(
             config.processing_concurrency,
             config.queue_size,
+            config.download_concurrency,
             config.avif_concurrency,
             config.decode_limits(),
         );
@@ -310,6 +311,7 @@ impl Inner {
     ) -> Result<Variant, Error> {
         // Admission first: a request the full pool would refuse (503) must not cost a download.
         let admission = self.processor.admit()?;
+        let staged = self.processor.stage().await?;
         let original = self.original(req, source).await?;
         let spec = RenderSpec {
             version: req.version,
@@ -324,7 +326,7 @@ impl Inner {
         let started = Instant::now();
         let rendered = self
             .processor
-            .render_admitted(admission, original, spec)
+            .render_admitted(admission, Some(staged), original, spec)
             .await;
         m::time(m::TIME_PROCESS, started.elapsed());
         m::gauge(m::PROCESSING_CURRENT, self.processor.current() as f64);
