@@ -197,16 +197,19 @@ impl Processor {
     }
 
     /// Renders with a place taken earlier by [`Processor::admit`], and the staging place its original
-    /// was fetched under, given back as soon as the pool has a slot.
+    /// was fetched under, given back as soon as the pool has a slot. An AVIF render gives it back
+    /// before it waits for its own small pool instead: AVIF requests queued there must not hold every
+    /// staging place and so stall the other formats' downloads.
     pub async fn render_admitted(
         &self,
         admission: Admission,
-        staged: Option<Staged>,
+        mut staged: Option<Staged>,
         original: Bytes,
         spec: RenderSpec,
     ) -> Result<Rendered, ImageError> {
         let _admission = admission;
         let _avif = if spec.format == Format::Avif {
+            staged = None;
             Some(
                 self.avif_permits
                     .clone()
@@ -319,5 +322,45 @@ mod tests {
         let rendered = render.await.expect("task").expect("render");
         assert_eq!(rendered.width, 8);
         drop((b, c));
+    }
+
+    /// An AVIF render waiting for the AVIF pool does not keep its staging place, so a queue of AVIF
+    /// requests cannot stop the other formats from fetching their originals.
+    #[tokio::test]
+    async fn avif_waiting_for_its_pool_gives_its_staging_place_back() {
+        vips::init(false).expect("libvips");
+        let p = Arc::new(Processor::new(1, 10, 1, 1, DecodeLimits::default()));
+        let avif_busy = p
+            .avif_permits
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("avif slot");
+        let only = p.stage().await.expect("the only place");
+        let render = {
+            let p = p.clone();
+            let admission = p.admit().expect("admitted");
+            let original = Bytes::from(vips::fixtures::jpeg(64, 48, 85));
+            let avif = RenderSpec {
+                format: Format::Avif,
+                ..spec()
+            };
+            tokio::spawn(async move {
+                p.render_admitted(admission, Some(only), original, avif)
+                    .await
+            })
+        };
+        // Completes only if the AVIF render, stuck behind `avif_busy`, let its place go.
+        let place = tokio::time::timeout(Duration::from_secs(10), p.stage())
+            .await
+            .expect("the AVIF waiter gives its place back")
+            .expect("place");
+        assert!(
+            !render.is_finished(),
+            "the AVIF render still waits for its pool"
+        );
+        drop((place, avif_busy));
+        let rendered = render.await.expect("task").expect("render");
+        assert_eq!((rendered.format, rendered.width), (Format::Avif, 8));
     }
 }
