@@ -151,7 +151,7 @@ impl App {
             method = %req.method(),
             path = shown_path(req.uri().path()),
             status = status.as_u16(),
-            bytes = response
+            bytes = %response
                 .headers()
                 .get(header::CONTENT_LENGTH)
                 .and_then(|v| v.to_str().ok())

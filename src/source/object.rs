@@ -149,8 +149,6 @@ fn describe_url(url: &str) -> String {
     }
 }
 
-/// Sorts a store error: missing is 404, a timed-out HTTP request to the store is 504, anything
-/// else (refused, 5xx, denied, I/O) is 502.
 /// Reads `range` of `file` into a buffer that is not zeroed first (`read_to_end` reads into the
 /// spare capacity). At most `range`'s length is read: a file that grew since it was measured is cut
 /// there, and one that shrank comes back short (the caller compares the length).
@@ -163,6 +161,8 @@ fn read_file_range(mut file: std::fs::File, range: std::ops::Range<u64>) -> std:
     Ok(Bytes::from(buf))
 }
 
+/// Sorts a store error: missing is 404, a timed-out HTTP request to the store is 504, anything
+/// else (refused, 5xx, denied, I/O) is 502.
 fn map_store(err: object_store::Error) -> SourceError {
     if let object_store::Error::NotFound { .. } = err {
         return SourceError::NotFound;
