@@ -12,7 +12,7 @@
 #   W3 large    6000x4000 q90 -> 300x400-q80.jpg, 8 connections
 #   W4 formats  W1 as .webp and as .avif, 8 connections
 #   W5 hits     one ~30 KB variant from the memory cache, 64 connections, next to nginx serving the same
-#               bytes as a static file (sendfile, one worker per core)
+#               bytes as a static file (sendfile, one worker per core); the two in alternating rounds
 #   W6 stampede 200 simultaneous requests for one cold key: one origin fetch and one render expected
 #   mixed       16 connections of valid cold JPEGs next to 16 connections of decoder bombs (a PNG whose
 #               header claims 100000x100000, a GIF frame at offset 60000,60000)
@@ -28,12 +28,13 @@
 # utime+stime (/proc/PID/stat) over the wrk run, not wall time; cores = CPU-s per wall-s; p50/p99 come
 # from wrk's latency histogram; peak RSS is VmHWM, since that server started (warm-up included);
 # x floor = CPU per request / CPU of the bare decode, `djpeg -scale 1/8` (fit, large) or `-scale 1/4`
-# (cover), measured here over 50 runs.
+# (cover): the mean of 25 runs just before and 25 just after the row's wrk run (50 each at start-up
+# for the report's header and the mixed row).
 #
 # The load generator runs on the same machine (wrk, one thread) and takes CPU from the server: on a
 # 2-core box that costs the server a few percent at render rates and much more at W5's hit rates.
 #
-# Usage: scripts/bench.sh                 full run: 15 s per workload (+1 s warm-up), ~7 min in all
+# Usage: scripts/bench.sh                 full run: 15 s per workload (+1 s warm-up), ~9 min in all
 #        BENCH_QUICK=1 scripts/bench.sh   smoke run: 2 s per workload, no warm-up, 10 floor runs
 #        BENCH_DURATION=N                 seconds per workload (overrides both)
 #        BENCH_ONLY='W1|W5'               only the workloads whose name matches this extended regex
