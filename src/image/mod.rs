@@ -2,8 +2,9 @@
 //!
 //! Owns the bounded processing pool (SPEC §8): at most `processing_concurrency` renders run at once on
 //! tokio's blocking threads, at most `queue_size` more wait, and beyond that a request is refused with
-//! [`ImageError::Overloaded`] (503) instead of queueing without bound. AVIF encodes also take a permit
-//! from their own small pool so AVIF traffic cannot starve JPEG traffic. The libvips calls themselves
+//! [`ImageError::Overloaded`] (503) instead of queueing without bound; of those waiting, at most
+//! `download_concurrency` fetch and hold their original ([`Processor::stage`]). AVIF encodes also take a
+//! permit from their own small pool so AVIF traffic cannot starve JPEG traffic. The libvips calls themselves
 //! live in [`vips`] (the only file that touches libvips); the pure size arithmetic in [`geometry`]; the
 //! SIMD resize of decoded 8-bit pixels in [`resample`].
 
