@@ -9,6 +9,7 @@
 //! SIMD resize of decoded 8-bit pixels in [`resample`].
 
 pub mod geometry;
+pub mod jpeg;
 pub mod resample;
 pub mod vips;
 

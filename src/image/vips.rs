@@ -18,7 +18,9 @@
 //!    Usually the decoded image is small (shrink-on-load did most of the work): it is decoded in one
 //!    piece on the render thread (a whole-image region, no libvips worker thread), turned upright with
 //!    `autorot` when EXIF asks, and resized by [`super::resample`] (SIMD Lanczos3, outside libvips)
-//!    with a centre crop folded into the same pass. Large decodes, 16-bit images and unusual
+//!    with a centre crop folded into the same pass. An upright 1- or 3-component JPEG skips libvips'
+//!    loader for the pixels: [`super::jpeg`] calls the same libjpeg-turbo with the same settings, only
+//!    for the columns the crop keeps (tests hold the output byte-identical to the loader's). Large decodes, 16-bit images and unusual
 //!    colour spaces use libvips' `resize` (lanczos3 too) instead, streaming from the decoder, with
 //!    `autorot` after the resize, where it touches the fewest pixels.
 //! 5. **Colour**: embedded ICC profile → sRGB, CMYK/16-bit → 8-bit sRGB; alpha flattened onto the
@@ -49,6 +51,7 @@ use rs_vips::voption::{Setter, VOption};
 use rs_vips::{Vips, VipsImage, VipsSource};
 
 use super::geometry::{self, CropBox, Size};
+use super::jpeg::{self, JpegError};
 use super::resample::{self, Pixels, Window};
 use super::{DecodeLimits, Gravity, ImageError, RenderSpec, Rendered};
 use crate::request::Format;
@@ -89,6 +92,9 @@ thread_local! {
     /// Per-thread twin of [`DECODES`]: unit tests run in parallel threads, and a test proving that a
     /// bomb is never decoded must not see the decodes of its neighbours.
     static THREAD_DECODES: Cell<u64> = const { Cell::new(0) };
+    /// JPEG decodes on this thread that [`jpeg::decode`] did instead of libvips' loader: tests check
+    /// the direct path is really the one taken.
+    static THREAD_DIRECT_JPEG: Cell<u64> = const { Cell::new(0) };
 }
 
 /// Starts libvips once per process, before the tokio runtime: `vips_init`, one libvips worker thread
@@ -356,6 +362,25 @@ pub fn render(
     spec: &RenderSpec,
     limits: &DecodeLimits,
 ) -> Result<Rendered, ImageError> {
+    render_with(original, spec, limits, JpegPixels::Direct)
+}
+
+/// Who decodes a JPEG's pixels on the in-memory resample path.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum JpegPixels {
+    /// libjpeg-turbo directly ([`jpeg::decode`]), only the columns a centre crop needs, where it can.
+    Direct,
+    /// Always libvips' `jpegload` (tests compare the two).
+    #[cfg_attr(not(test), allow(dead_code))]
+    Libvips,
+}
+
+fn render_with(
+    original: &[u8],
+    spec: &RenderSpec,
+    limits: &DecodeLimits,
+    jpeg_pixels: JpegPixels,
+) -> Result<Rendered, ImageError> {
     ensure_init()?;
     let kind = sniff(original).ok_or(ImageError::UnsupportedFormat)?;
     if !allowed(kind, limits) {
@@ -418,32 +443,48 @@ pub fn render(
             } else {
                 stored_decoded
             };
-            let upright = if upright_size == plan.resized {
-                // Nothing to resample: decode into memory (a decoder failure is the original's
-                // fault), then turn upright there, since the encoder reads in strips that a rotated
-                // sequential decode could not serve.
-                let img = decoded.copy_memory().map_err(undecodable)?;
-                if rotate {
-                    img.autorot()
-                        .and_then(|i| i.copy_memory())
-                        .map_err(internal)?
-                } else {
-                    img
-                }
-            } else if rotate {
-                // Still lazy: the one whole-image request in `resample_upright` asks `autorot` for
-                // everything at once, which asks the loader for everything at once, top to bottom,
-                // as sequential access requires.
-                decoded.autorot().map_err(internal)?
+            // An upright JPEG that needs resampling: libjpeg-turbo decodes the pixels itself, only
+            // the columns a centre crop keeps (`jpeg.rs`); `None` leaves the layout to libvips.
+            let direct = if jpeg_pixels == JpegPixels::Direct
+                && kind == Kind::Jpeg
+                && !rotate
+                && upright_size != plan.resized
+            {
+                let denom = if plan.shrink > 1 { plan.shrink } else { 1 };
+                resample_jpeg(original, denom, &decoded, space, plan.resized, centre_crop)?
             } else {
-                // Still lazy: `resample_upright` decodes it on this thread, straight into the buffer
-                // it reads.
-                decoded
+                None
             };
-            (
-                resample_upright(&upright, space, plan.resized, centre_crop)?,
-                true,
-            )
+            if let Some(img) = direct {
+                (img, true)
+            } else {
+                let upright = if upright_size == plan.resized {
+                    // Nothing to resample: decode into memory (a decoder failure is the original's
+                    // fault), then turn upright there, since the encoder reads in strips that a rotated
+                    // sequential decode could not serve.
+                    let img = decoded.copy_memory().map_err(undecodable)?;
+                    if rotate {
+                        img.autorot()
+                            .and_then(|i| i.copy_memory())
+                            .map_err(internal)?
+                    } else {
+                        img
+                    }
+                } else if rotate {
+                    // Still lazy: the one whole-image request in `resample_upright` asks `autorot` for
+                    // everything at once, which asks the loader for everything at once, top to bottom,
+                    // as sequential access requires.
+                    decoded.autorot().map_err(internal)?
+                } else {
+                    // Still lazy: `resample_upright` decodes it on this thread, straight into the buffer
+                    // it reads.
+                    decoded
+                };
+                (
+                    resample_upright(&upright, space, plan.resized, centre_crop)?,
+                    true,
+                )
+            }
         }
         // Large decoded images (no shrink-on-load for the format, or a big output), 16-bit and
         // unusual colour spaces: libvips' own resize, streaming from the decoder where it can.
@@ -579,8 +620,79 @@ fn resample_upright(
     let window = crop.map(|c| Window::for_crop(have, resized, c));
     let pixels =
         resample::resample(&source, window, out).map_err(|e| resample_failed(&e.to_string()))?;
+    label(&pixels, out, bands, space, img)
+}
+
+/// [`resample_upright`] for an upright JPEG `img` (the lazy header of `original` opened with shrink
+/// `denom`) whose pixels libjpeg-turbo decodes itself ([`jpeg::decode`]): for a centre crop only the
+/// columns the resample reads, plus a margin, are inverse-transformed and colour-converted. `None`:
+/// a layout [`jpeg`] leaves to libvips' loader (CMYK, YCCK, unusual component counts).
+fn resample_jpeg(
+    original: &[u8],
+    denom: u32,
+    img: &VipsImage,
+    space: &str,
+    resized: Size,
+    crop: Option<CropBox>,
+) -> Result<Option<VipsImage>, ImageError> {
+    let have = dims(img)?;
+    let bands = u8::try_from(img.get_bands()).map_err(|_| resample_failed("band count"))?;
+    let out = crop.map_or(resized, |c| Size::new(c.width, c.height));
+    let window = crop.map(|c| Window::for_crop(have, resized, c));
+    let (left, width) = window.map_or((0, have.width), |w| columns_for(w, out.width, have.width));
+    let columns = match jpeg::decode(original, denom, have, bands, left, width) {
+        Ok(columns) => columns,
+        Err(JpegError::Unsupported) => return Ok(None),
+        Err(JpegError::Corrupt) => return Err(ImageError::Undecodable),
+        Err(e @ JpegError::Mismatch) => return Err(ImageError::Internal(e.to_string())),
+    };
+    THREAD_DIRECT_JPEG.with(|c| c.set(c.get() + 1));
+    let source = Pixels {
+        data: &columns.data,
+        size: Size::new(columns.width, have.height),
+        bands,
+        alpha: false,
+    };
+    // The window in the band's own columns. Without a crop the band is the whole width.
+    let window = window.map(|w| Window {
+        left: w.left - f64::from(columns.left),
+        ..w
+    });
+    let pixels =
+        resample::resample(&source, window, out).map_err(|e| resample_failed(&e.to_string()))?;
+    label(&pixels, out, bands, space, img).map(Some)
+}
+
+/// The band of columns (first, count) of an image `have_width` wide that resampling `window` to
+/// `out_width` columns reads, widened by a margin: Lanczos3 reaches 3 output pixels' worth of source
+/// columns either side of each sample, and the band's own edge columns may differ from a full decode
+/// (chroma upsampling has no neighbour there), so those must stay out of reach too.
+fn columns_for(window: Window, out_width: u32, have_width: u32) -> (u32, u32) {
+    let scale = (window.width / f64::from(out_width.max(1))).max(1.0);
+    let margin = (3.0 * scale).ceil() + 2.0;
+    let first = (window.left - margin).floor().max(0.0);
+    let end = (window.left + window.width + margin)
+        .ceil()
+        .min(f64::from(have_width));
+    if first.partial_cmp(&end) != Some(std::cmp::Ordering::Less) {
+        return (0, have_width);
+    }
+    // Both are whole numbers in 0..=have_width by now.
+    (first as u32, (end - first) as u32)
+}
+
+/// `pixels` (`out`, `bands` interleaved 8-bit bands) as a libvips image labelled `space`, with
+/// `like`'s resolution and ICC profile, which is all the colour conversion and encoder read from the
+/// header.
+fn label(
+    pixels: &[u8],
+    out: Size,
+    bands: u8,
+    space: &str,
+    like: &VipsImage,
+) -> Result<VipsImage, ImageError> {
     let fresh = VipsImage::new_from_memory_copy(
-        &pixels,
+        pixels,
         to_i32(out.width)?,
         to_i32(out.height)?,
         i32::from(bands),
@@ -591,12 +703,12 @@ fn resample_upright(
         .copy_with_opts(
             VOption::new()
                 .set("interpretation", space)
-                .set("xres", img.get_xres())
-                .set("yres", img.get_yres()),
+                .set("xres", like.get_xres())
+                .set("yres", like.get_yres()),
         )
         .map_err(internal)?;
-    if img.get_typeof(ICC_FIELD).unwrap_or(0) != 0 {
-        let icc = img.get_blob(ICC_FIELD).map_err(internal)?;
+    if like.get_typeof(ICC_FIELD).unwrap_or(0) != 0 {
+        let icc = like.get_blob(ICC_FIELD).map_err(internal)?;
         labelled.set_blob_copy(ICC_FIELD, &icc).map_err(internal)?;
     }
     Ok(labelled)
@@ -1030,6 +1142,17 @@ pub mod fixtures {
     }
 
     /// A w×h greyscale (one band) JPEG.
+    /// [`jpeg`], saved progressive.
+    pub fn jpeg_progressive(w: u32, h: u32, q: u8) -> Vec<u8> {
+        init();
+        ok(photo(w, h).jpegsave_buffer_with_opts(
+            VOption::new()
+                .set("Q", i32::from(q.clamp(1, 100)))
+                .set("interlace", true)
+                .set("strip", true),
+        ))
+    }
+
     pub fn jpeg_grey(w: u32, h: u32) -> Vec<u8> {
         init();
         let img = ok(photo(w, h).colourspace(rs_vips::enums::Interpretation::BW));
@@ -2116,6 +2239,92 @@ mod tests {
             render(&junk, &spec(Version::Width(10), Format::Jpeg), &limits()).map(|_| ()),
             Err(ImageError::Undecodable)
         );
+    }
+
+    /// The direct libjpeg-turbo decode (`jpeg.rs`) gives byte for byte the output libvips' loader
+    /// gives, across chroma layouts (4:2:0 below Q 90, 4:4:4 above), progressive and greyscale
+    /// originals, an embedded ICC profile, odd sizes, each shrink and crop bands narrow and wide; and
+    /// it really is the path taken.
+    #[test]
+    fn direct_jpeg_decode_matches_libvips_byte_for_byte() {
+        setup();
+        let originals = [
+            ("4:2:0", fixtures::jpeg(1203, 797, 80)),
+            ("4:4:4", fixtures::jpeg(1203, 797, 92)),
+            ("progressive", fixtures::jpeg_progressive(1001, 1499, 80)),
+            ("grey", fixtures::jpeg_grey(901, 603)),
+            ("icc", fixtures::jpeg_with_exif(400, 240, 1)),
+        ];
+        let cover = |width, height| Version::Cover { width, height };
+        let versions = [
+            Version::Width(299),
+            Version::Width(37),
+            Version::Height(150),
+            cover(300, 400),
+            cover(100, 100),
+            cover(20, 300),
+            cover(290, 30),
+            cover(390, 230),
+        ];
+        for (name, original) in &originals {
+            for version in versions {
+                for format in [Format::Png, Format::Jpeg] {
+                    let spec = spec(version, format);
+                    let before = THREAD_DIRECT_JPEG.with(Cell::get);
+                    let direct = render_with(original, &spec, &limits(), JpegPixels::Direct)
+                        .expect("direct");
+                    let taken = THREAD_DIRECT_JPEG.with(Cell::get) - before;
+                    let libvips = render_with(original, &spec, &limits(), JpegPixels::Libvips)
+                        .expect("libvips");
+                    assert_eq!(taken, 1, "{name} {version} {format:?}: direct decode taken");
+                    assert_eq!(
+                        (direct.width, direct.height),
+                        (libvips.width, libvips.height),
+                        "{name} {version}"
+                    );
+                    assert!(
+                        direct.bytes == libvips.bytes,
+                        "{name} {version} {format:?}: outputs differ"
+                    );
+                }
+            }
+        }
+        // Left to libvips: a sideways EXIF orientation, and no resample at all.
+        for (original, version) in [
+            (fixtures::jpeg_with_exif(400, 240, 6), Version::Width(100)),
+            (fixtures::jpeg(800, 600, 80), Version::Width(200)),
+        ] {
+            let before = THREAD_DIRECT_JPEG.with(Cell::get);
+            render(&original, &spec(version, Format::Jpeg), &limits()).expect("render");
+            assert_eq!(THREAD_DIRECT_JPEG.with(Cell::get), before, "{version}");
+        }
+    }
+
+    /// Data missing from the end, however little, fails both decoders alike (`fail_on=warning`).
+    #[test]
+    fn direct_and_libvips_decoders_fail_alike_on_short_data() {
+        setup();
+        let jpeg = fixtures::jpeg(640, 480, 80);
+        for cut in [2, 3, 100, jpeg.len() / 3] {
+            let short = &jpeg[..jpeg.len() - cut];
+            for version in [
+                Version::Width(100),
+                Version::Cover {
+                    width: 50,
+                    height: 100,
+                },
+            ] {
+                let spec = spec(version, Format::Jpeg);
+                let direct = render_with(short, &spec, &limits(), JpegPixels::Direct).map(|_| ());
+                let libvips = render_with(short, &spec, &limits(), JpegPixels::Libvips).map(|_| ());
+                assert_eq!(
+                    direct,
+                    Err(ImageError::Undecodable),
+                    "{cut} bytes short, {version}"
+                );
+                assert_eq!(libvips, direct, "{cut} bytes short, {version}");
+            }
+        }
     }
 
     #[test]
