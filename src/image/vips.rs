@@ -20,9 +20,9 @@
 //!    `autorot` when EXIF asks, and resized by [`super::resample`] (SIMD Lanczos3, outside libvips)
 //!    with a centre crop folded into the same pass. An upright 1- or 3-component JPEG skips libvips'
 //!    loader for the pixels: [`super::jpeg`] calls the same libjpeg-turbo with the same settings, only
-//!    for the columns the crop keeps (tests hold the output byte-identical to the loader's). Large decodes, 16-bit images and unusual
-//!    colour spaces use libvips' `resize` (lanczos3 too) instead, streaming from the decoder, with
-//!    `autorot` after the resize, where it touches the fewest pixels.
+//!    for the columns the crop keeps (tests hold the output byte-identical to the loader's). Large
+//!    decodes, 16-bit images and unusual colour spaces use libvips' `resize` (lanczos3 too) instead,
+//!    streaming from the decoder, with `autorot` after the resize, where it touches the fewest pixels.
 //! 5. **Colour**: embedded ICC profile → sRGB, CMYK/16-bit → 8-bit sRGB; alpha flattened onto the
 //!    background for JPEG only.
 //! 6. **Strip** every metadata field by hand as well as asking the encoder to, then **encode** once.
@@ -450,41 +450,26 @@ fn render_with(
                 && !rotate
                 && upright_size != plan.resized
             {
-                let denom = if plan.shrink > 1 { plan.shrink } else { 1 };
-                resample_jpeg(original, denom, &decoded, space, plan.resized, centre_crop)?
+                // `decoded` was opened with `plan.shrink` (1 when it is `opened`).
+                resample_jpeg(
+                    original,
+                    plan.shrink,
+                    &decoded,
+                    space,
+                    plan.resized,
+                    centre_crop,
+                )?
             } else {
                 None
             };
-            if let Some(img) = direct {
-                (img, true)
-            } else {
-                let upright = if upright_size == plan.resized {
-                    // Nothing to resample: decode into memory (a decoder failure is the original's
-                    // fault), then turn upright there, since the encoder reads in strips that a rotated
-                    // sequential decode could not serve.
-                    let img = decoded.copy_memory().map_err(undecodable)?;
-                    if rotate {
-                        img.autorot()
-                            .and_then(|i| i.copy_memory())
-                            .map_err(internal)?
-                    } else {
-                        img
-                    }
-                } else if rotate {
-                    // Still lazy: the one whole-image request in `resample_upright` asks `autorot` for
-                    // everything at once, which asks the loader for everything at once, top to bottom,
-                    // as sequential access requires.
-                    decoded.autorot().map_err(internal)?
-                } else {
-                    // Still lazy: `resample_upright` decodes it on this thread, straight into the buffer
-                    // it reads.
-                    decoded
-                };
-                (
-                    resample_upright(&upright, space, plan.resized, centre_crop)?,
-                    true,
-                )
-            }
+            let img = match direct {
+                Some(img) => img,
+                None => {
+                    let upright = upright_lazily(decoded, rotate, upright_size == plan.resized)?;
+                    resample_upright(&upright, space, plan.resized, centre_crop)?
+                }
+            };
+            (img, true)
         }
         // Large decoded images (no shrink-on-load for the format, or a big output), 16-bit and
         // unusual colour spaces: libvips' own resize, streaming from the decoder where it can.
@@ -587,6 +572,33 @@ fn resample_space(img: &VipsImage) -> Option<&'static str> {
         Interpretation::Cmyk => Some("cmyk"),
         _ => None,
     }
+}
+
+/// The decoded image made upright for [`resample_upright`]. With `whole` (it already has the resized
+/// size, nothing to resample) it is decoded into memory here, where a decoder failure is the
+/// original's fault.
+fn upright_lazily(decoded: VipsImage, rotate: bool, whole: bool) -> Result<VipsImage, ImageError> {
+    Ok(if whole {
+        // Nothing to resample: decode into memory, then turn upright there, since the encoder reads
+        // in strips that a rotated sequential decode could not serve.
+        let img = decoded.copy_memory().map_err(undecodable)?;
+        if rotate {
+            img.autorot()
+                .and_then(|i| i.copy_memory())
+                .map_err(internal)?
+        } else {
+            img
+        }
+    } else if rotate {
+        // Still lazy: the one whole-image request in `resample_upright` asks `autorot` for
+        // everything at once, which asks the loader for everything at once, top to bottom, as
+        // sequential access requires.
+        decoded.autorot().map_err(internal)?
+    } else {
+        // Still lazy: `resample_upright` decodes it on this thread, straight into the buffer it
+        // reads.
+        decoded
+    })
 }
 
 /// Resizes the upright `img` to `resized` and cuts `crop` from it (in one pass: only the crop's pixels
@@ -1141,7 +1153,6 @@ pub mod fixtures {
         jpegsave(&photo(w, h), q)
     }
 
-    /// A w×h greyscale (one band) JPEG.
     /// [`jpeg`], saved progressive.
     pub fn jpeg_progressive(w: u32, h: u32, q: u8) -> Vec<u8> {
         init();
@@ -1153,6 +1164,7 @@ pub mod fixtures {
         ))
     }
 
+    /// A w×h greyscale (one band) JPEG.
     pub fn jpeg_grey(w: u32, h: u32) -> Vec<u8> {
         init();
         let img = ok(photo(w, h).colourspace(rs_vips::enums::Interpretation::BW));
