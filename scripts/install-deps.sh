@@ -4,7 +4,8 @@
 # when something is missing.
 #
 # Usage: scripts/install-deps.sh [PART...]
-#   build   libvips-dev: all that `cargo build` / `make run` need beyond a Rust toolchain
+#   build   libvips-dev and libjpeg62-turbo-dev (src/image/jpeg.c; libvips-dev pulls it in too):
+#           all that `cargo build` / `make run` need beyond a Rust toolchain and a C compiler
 #   test    build + what the tests use: vips CLI, djpeg, exiftool, nginx (the simulated CDN),
 #           SeaweedFS (S3 server), Pillow, Etsy statsd
 #   bench   what scripts/bench.sh uses: wrk (load generator), nginx-light (the static-file
@@ -16,10 +17,10 @@ set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 
-apt_build=(libvips-dev)
+apt_build=(libvips-dev libjpeg62-turbo-dev)
 # `exiftool` on Debian 12 is the package libimage-exiftool-perl (the short name is only virtual,
 # which dpkg cannot query).
-apt_test=(libvips-dev libvips-tools libjpeg-turbo-progs libimage-exiftool-perl nginx-light)
+apt_test=(libvips-dev libjpeg62-turbo-dev libvips-tools libjpeg-turbo-progs libimage-exiftool-perl nginx-light)
 apt_bench=(nginx-light wrk libvips-tools libjpeg-turbo-progs)
 
 want_apt=()
