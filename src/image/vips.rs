@@ -18,9 +18,10 @@
 //!    Usually the decoded image is small (shrink-on-load did most of the work): it is decoded in one
 //!    piece on the render thread (a whole-image region, no libvips worker thread), turned upright with
 //!    `autorot` when EXIF asks, and resized by [`super::resample`] (SIMD Lanczos3, outside libvips)
-//!    with a centre crop folded into the same pass. An upright 1- or 3-component JPEG skips libvips'
-//!    loader for the pixels: [`super::jpeg`] calls the same libjpeg-turbo with the same settings, only
-//!    for the columns the crop keeps (tests hold the output byte-identical to the loader's). Large
+//!    with a centre crop folded into the same pass. A 1- or 3-component JPEG skips libvips' loader
+//!    (and `autorot`) for the pixels: [`super::jpeg`] calls the same libjpeg-turbo with the same
+//!    settings, only for the columns the crop keeps when it is stored upright, and
+//!    [`super::resample::upright`] turns it otherwise (tests hold the output byte-identical). Large
 //!    decodes, 16-bit images and unusual colour spaces use libvips' `resize` (lanczos3 too) instead,
 //!    streaming from the decoder, with `autorot` after the resize, where it touches the fewest pixels.
 //! 5. **Colour**: embedded ICC profile → sRGB, CMYK/16-bit → 8-bit sRGB; alpha flattened onto the
@@ -443,11 +444,11 @@ fn render_with(
             } else {
                 stored_decoded
             };
-            // An upright JPEG that needs resampling: libjpeg-turbo decodes the pixels itself, only
-            // the columns a centre crop keeps (`jpeg.rs`); `None` leaves the layout to libvips.
+            // A JPEG that needs resampling: libjpeg-turbo decodes the pixels itself, only the
+            // columns a centre crop keeps when it is stored upright (`jpeg.rs`); `None` leaves the
+            // layout to libvips.
             let direct = if jpeg_pixels == JpegPixels::Direct
                 && kind == Kind::Jpeg
-                && !rotate
                 && upright_size != plan.resized
             {
                 // `decoded` was opened with `plan.shrink` (1 when it is `opened`).
@@ -455,6 +456,7 @@ fn render_with(
                     original,
                     plan.shrink,
                     &decoded,
+                    if rotate { orientation } else { 1 },
                     space,
                     plan.resized,
                     centre_crop,
@@ -635,43 +637,66 @@ fn resample_upright(
     label(&pixels, out, bands, space, img)
 }
 
-/// [`resample_upright`] for an upright JPEG `img` (the lazy header of `original` opened with shrink
-/// `denom`) whose pixels libjpeg-turbo decodes itself ([`jpeg::decode`]): for a centre crop only the
-/// columns the resample reads, plus a margin, are inverse-transformed and colour-converted. `None`:
-/// a layout [`jpeg`] leaves to libvips' loader (CMYK, YCCK, unusual component counts).
+/// [`resample_upright`] for a JPEG `img` (the lazy header of `original` opened with shrink `denom`)
+/// whose pixels libjpeg-turbo decodes itself ([`jpeg::decode`]). Stored upright, for a centre crop
+/// only the columns the resample reads, plus a margin, are inverse-transformed and colour-converted;
+/// stored otherwise (EXIF `orientation` 2–8), every pixel is decoded and turned upright in memory
+/// ([`resample::upright`]) first. `None`: a layout [`jpeg`] leaves to libvips' loader (CMYK, YCCK,
+/// unusual component counts).
 fn resample_jpeg(
     original: &[u8],
     denom: u32,
     img: &VipsImage,
+    orientation: u8,
     space: &str,
     resized: Size,
     crop: Option<CropBox>,
 ) -> Result<Option<VipsImage>, ImageError> {
-    let have = dims(img)?;
+    let stored = dims(img)?;
+    let turned = orientation > 1;
+    let upright_size = if geometry::swaps_sides(orientation) {
+        stored.transposed()
+    } else {
+        stored
+    };
     let bands = u8::try_from(img.get_bands()).map_err(|_| resample_failed("band count"))?;
     let out = crop.map_or(resized, |c| Size::new(c.width, c.height));
-    let window = crop.map(|c| Window::for_crop(have, resized, c));
-    let (left, width) = window.map_or((0, have.width), |w| columns_for(w, out.width, have.width));
-    let columns = match jpeg::decode(original, denom, have, bands, left, width) {
+    let window = crop.map(|c| Window::for_crop(upright_size, resized, c));
+    let (left, width) = match window {
+        Some(w) if !turned => columns_for(w, out.width, stored.width),
+        _ => (0, stored.width),
+    };
+    let columns = match jpeg::decode(original, denom, stored, bands, left, width) {
         Ok(columns) => columns,
         Err(JpegError::Unsupported) => return Ok(None),
         Err(JpegError::Corrupt) => return Err(ImageError::Undecodable),
         Err(e @ JpegError::Mismatch) => return Err(ImageError::Internal(e.to_string())),
     };
     THREAD_DIRECT_JPEG.with(|c| c.set(c.get() + 1));
-    let source = Pixels {
+    let decoded = Pixels {
         data: &columns.data,
-        size: Size::new(columns.width, have.height),
+        size: Size::new(columns.width, stored.height),
         bands,
         alpha: false,
     };
-    // The window in the band's own columns. Without a crop the band is the whole width.
-    let window = window.map(|w| Window {
-        left: w.left - f64::from(columns.left),
-        ..w
-    });
-    let pixels =
-        resample::resample(&source, window, out).map_err(|e| resample_failed(&e.to_string()))?;
+    let pixels = if turned {
+        let (data, size) = resample::upright(&decoded, orientation)
+            .map_err(|e| resample_failed(&e.to_string()))?;
+        let source = Pixels {
+            data: &data,
+            size,
+            ..decoded
+        };
+        resample::resample(&source, window, out)
+    } else {
+        // The window in the band's own columns. Without a crop the band is the whole width.
+        let window = window.map(|w| Window {
+            left: w.left - f64::from(columns.left),
+            ..w
+        });
+        resample::resample(&decoded, window, out)
+    }
+    .map_err(|e| resample_failed(&e.to_string()))?;
     label(&pixels, out, bands, space, img).map(Some)
 }
 
@@ -2254,19 +2279,28 @@ mod tests {
     }
 
     /// The direct libjpeg-turbo decode (`jpeg.rs`) gives byte for byte the output libvips' loader
-    /// gives, across chroma layouts (4:2:0 below Q 90, 4:4:4 above), progressive and greyscale
-    /// originals, an embedded ICC profile, odd sizes, each shrink and crop bands narrow and wide; and
-    /// it really is the path taken.
+    /// (and `autorot`) gives, across chroma layouts (4:2:0 below Q 90, 4:4:4 above), progressive and
+    /// greyscale originals, an embedded ICC profile, all eight EXIF orientations, odd sizes, each
+    /// shrink and crop bands narrow and wide; and it really is the path taken.
     #[test]
     fn direct_jpeg_decode_matches_libvips_byte_for_byte() {
         setup();
-        let originals = [
-            ("4:2:0", fixtures::jpeg(1203, 797, 80)),
-            ("4:4:4", fixtures::jpeg(1203, 797, 92)),
-            ("progressive", fixtures::jpeg_progressive(1001, 1499, 80)),
-            ("grey", fixtures::jpeg_grey(901, 603)),
-            ("icc", fixtures::jpeg_with_exif(400, 240, 1)),
+        let mut originals = vec![
+            ("4:2:0".to_string(), fixtures::jpeg(1203, 797, 80)),
+            ("4:4:4".to_string(), fixtures::jpeg(1203, 797, 92)),
+            (
+                "progressive".to_string(),
+                fixtures::jpeg_progressive(1001, 1499, 80),
+            ),
+            ("grey".to_string(), fixtures::jpeg_grey(901, 603)),
         ];
+        // An ICC profile and every EXIF orientation (1 included).
+        for orientation in 1..=8 {
+            originals.push((
+                format!("icc, orientation {orientation}"),
+                fixtures::jpeg_with_exif(401, 243, orientation),
+            ));
+        }
         let cover = |width, height| Version::Cover { width, height };
         let versions = [
             Version::Width(299),
@@ -2301,15 +2335,11 @@ mod tests {
                 }
             }
         }
-        // Left to libvips: a sideways EXIF orientation, and no resample at all.
-        for (original, version) in [
-            (fixtures::jpeg_with_exif(400, 240, 6), Version::Width(100)),
-            (fixtures::jpeg(800, 600, 80), Version::Width(200)),
-        ] {
-            let before = THREAD_DIRECT_JPEG.with(Cell::get);
-            render(&original, &spec(version, Format::Jpeg), &limits()).expect("render");
-            assert_eq!(THREAD_DIRECT_JPEG.with(Cell::get), before, "{version}");
-        }
+        // Left to libvips: no resample at all (800 / 4 is 200 already).
+        let before = THREAD_DIRECT_JPEG.with(Cell::get);
+        let plain = fixtures::jpeg(800, 600, 80);
+        render(&plain, &spec(Version::Width(200), Format::Jpeg), &limits()).expect("render");
+        assert_eq!(THREAD_DIRECT_JPEG.with(Cell::get), before);
     }
 
     /// Data missing from the end, however little, fails both decoders alike (`fail_on=warning`).
