@@ -6,6 +6,12 @@ Subcommands (bench.sh calls them; each prints plain text on stdout):
   bombs DIR                     writes DIR/png-bomb (IHDR claims 100000x100000, valid CRCs) and
                                 DIR/gif-bomb (1x1 frame at offset 60000,60000), the two decoder bombs
                                 PLATFORM.md measured (7.7 s / 14.3 GB when decoded blindly)
+  scanbomb OUT COPIES           writes OUT, a JPEG scan bomb: flat grey 6000x6000 encoded by cjpeg as a
+                                progressive JPEG (one DC scan, one full AC scan per component), then its
+                                last AC scan (SOS header and entropy-coded data) repeated COPIES times
+                                before EOI; checks that `djpeg -maxscans 100` refuses it and that djpeg
+                                decodes all of it without a warning (timed: minutes of CPU), and prints
+                                (and writes to OUT.txt) one line describing it
   links DIR TARGET PREFIX COUNT DIR/PREFIX1..COUNT become hard links to TARGET (one inode: every id
                                 is a distinct URL and cache key, the bytes come from the page cache)
   floor JPEG SCALE RUNS         mean CPU (user+sys) in ms of `djpeg -scale SCALE -outfile /dev/null
@@ -22,6 +28,12 @@ Subcommands (bench.sh calls them; each prints plain text on stdout):
                                 Lua done() prints), cpu_s, hwm_mb, floor_ms, note, all_answers=1
                                 (req/s counts non-2xx answers too: for rows of expected refusals)
   status SPORT KEY.KEY          one number from the status page JSON
+  has-row RESULTS NAME CONNS    "yes" when RESULTS has a row NAME with CONNS connections, else "no"
+  attack-record KEY=VALUE...    the attack row's three result lines: wrk=FILE (the valid requests),
+                                attack=FILE (scripts/attack.py's results), t0= t1= (the wrk run's wall
+                                clock window: only samples sent inside it count), results=FILE (to find
+                                the quiet W1 fit c=8 row), sport (status page: limits.max_memory_mb),
+                                cpu_s, hwm_mb, note
   table RESULTS                 the final table from the result lines in RESULTS
 
 A result line is JSON with the keys the table reads (name, conns, requests, seconds, non2xx,
@@ -30,12 +42,14 @@ socket_errors, p50_us, p99_us, cpu_s, hwm_mb, floor_ms, note).
 
 import asyncio
 import json
+import math
 import os
 import resource
 import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 import zlib
@@ -68,6 +82,81 @@ def bombs(out_dir):
         f.write(png)
     with open(os.path.join(out_dir, "gif-bomb"), "wb") as f:
         f.write(gif)
+
+
+def jpeg_segments(data):
+    """(marker, start, end) of every segment after SOI; an SOS segment runs to the end of its
+    entropy-coded data (the next marker other than a stuffed FF00 or a restart marker RSTn)."""
+    assert data[:2] == b"\xff\xd8", "not a JPEG"
+    segments, i = [], 2
+    while i < len(data):
+        if data[i] != 0xFF:
+            sys.exit(f"bench.py: no JPEG marker at byte {i}")
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker == 0xD9:
+            segments.append((marker, i, i + 2))
+            break
+        end = i + 2 + struct.unpack(">H", data[i + 2 : i + 4])[0]
+        if marker == 0xDA:
+            while not (data[end] == 0xFF and data[end + 1] not in (0x00, *range(0xD0, 0xD8))):
+                end += 1
+        segments.append((marker, i, end))
+        i = end
+    return segments
+
+
+def scan_bomb(out, copies):
+    # cjpeg -scans: components 0,1,2 in one DC scan, then each component's AC 1-63 at full precision
+    # (Ah = Al = 0). Repeating such an AC scan is legal JPEG: each copy refines nothing (libjpeg only
+    # warns when a scan's Ah disagrees with what came before, and 0 = 0), but a decoder that reads
+    # the whole file entropy-decodes every block of the image once per scan.
+    w = h = 6000
+    script = "0,1,2: 0-0, 0, 0;\n0: 1-63, 0, 0;\n1: 1-63, 0, 0;\n2: 1-63, 0, 0;\n"
+    with tempfile.TemporaryDirectory() as tmp:
+        scans = os.path.join(tmp, "scans.txt")
+        with open(scans, "w") as f:
+            f.write(script)
+        ppm = b"P6\n%d %d\n255\n" % (w, h) + bytes([128]) * (w * h * 3)
+        # -sample 1x1: 4:4:4, so the repeated scan (the last one, Cr: its Huffman table is the one
+        # the last DHT left in force) covers as many blocks as the luma one.
+        cmd = ["cjpeg", "-sample", "1x1", "-scans", scans]
+        jpeg = subprocess.run(cmd, input=ppm, stdout=subprocess.PIPE, check=True).stdout
+    segments = jpeg_segments(jpeg)
+    ac = [(s, e) for m, s, e in segments if m == 0xDA and jpeg[s + 4 + 1 + 2 * jpeg[s + 4]] > 0]
+    if len(ac) != 3 or segments[-1][0] != 0xD9:
+        sys.exit("bench.py: cjpeg's scan bomb base has an unexpected layout")
+    start, end = ac[-1]
+    eoi = segments[-1][1]
+    bomb = jpeg[:eoi] + jpeg[start:end] * copies + jpeg[eoi:]
+    tmp_out = out + ".tmp"
+    with open(tmp_out, "wb") as f:
+        f.write(bomb)
+    # djpeg's -maxscans stops at the first scan past the limit, with an error and status 1.
+    r = subprocess.run(["djpeg", "-maxscans", "100", tmp_out], stdout=subprocess.DEVNULL,
+                       stderr=subprocess.PIPE, text=True)
+    if r.returncode == 0 or "exceeds maximum scans" not in r.stderr:
+        sys.exit(f"bench.py: djpeg -maxscans 100 did not refuse the scan bomb: {r.stderr.strip()}")
+    # The whole file: status 0 and nothing on stderr (djpeg exits 2 after a warning).
+    scans_total = 4 + copies
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    r = subprocess.run(["djpeg", "-maxscans", str(scans_total + 100), tmp_out],
+                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    # (with -maxscans, djpeg's progress monitor erases its line on stderr at the end: "\r   \r")
+    if r.returncode != 0 or r.stderr.strip():
+        sys.exit(f"bench.py: djpeg does not decode the scan bomb cleanly (status {r.returncode}): "
+                 f"{r.stderr.strip()}")
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    os.rename(tmp_out, out)
+    line = (f"scan bomb: flat grey {w}x{h} progressive JPEG, {scans_total} scans (an AC scan of "
+            f"{end - start} bytes {copies} more times), {len(bomb) / 1024:.0f} KB; djpeg -maxscans 100 "
+            f"refuses it, a full djpeg decode took {cpu:.1f} s of CPU")
+    with open(out + ".txt", "w") as f:
+        f.write(line + "\n")
+    print(line)
 
 
 def links(out_dir, target, prefix, count):
@@ -206,6 +295,131 @@ def record(pairs):
     print(json.dumps(row))
 
 
+def nearest_rank(sorted_values, pct):
+    return sorted_values[max(0, math.ceil(len(sorted_values) * pct / 100) - 1)]
+
+
+def ok_rate(row):
+    return (row["requests"] - row["non2xx"]) / (row["seconds"] or 1e-9)
+
+
+def max_memory(sport):
+    """limits.max_memory_mb from the status page, or the default the config key will have."""
+    try:
+        return f"{status(sport, 'limits.max_memory_mb')}"
+    except (KeyError, TypeError):
+        return "1024 (default)"
+    except OSError as e:
+        return f"? (status page: {e})"
+
+
+def by_status(statuses):
+    counts = {}
+    for st in statuses:
+        counts[str(st)] = counts.get(str(st), 0) + 1
+    # HTTP codes first, in order, then timeout / error:... / pending
+    order = sorted(counts, key=lambda k: (not k.isdigit(), k))
+    return " ".join(f"{k}:{counts[k]}" for k in order) or "none"
+
+
+def attack_record(pairs):
+    kv = dict(p.split("=", 1) for p in pairs)
+    t0, t1 = float(kv["t0"]), float(kv["t1"])
+    seconds = t1 - t0
+    with open(kv["attack"]) as f:
+        attack = json.load(f)
+    inside = lambda sample: t0 <= sample[0] <= t1
+
+    # The quiet reference: this run's W1 fit c=8 row, else the quiet run bench.sh made for this row.
+    quiet = None
+    for line in open(kv["results"]):
+        if line.strip():
+            row = json.loads(line)
+            if row["conns"] == 8 and row["name"] in ("W1 fit", "attack: quiet W1 fit (reference)"):
+                quiet = row
+                break
+
+    stats = wrk_stats(kv["wrk"])
+    valid = {
+        "name": "attack: valid W1 fit",
+        "conns": 8,
+        "requests": stats["requests"],
+        "seconds": stats["duration_us"] / 1e6,
+        "non2xx": stats["status_errors"],
+        "socket_errors": stats["socket_errors"],
+        "p50_us": float(stats["p50_us"]),
+        "p99_us": float(stats["p99_us"]),
+    }
+    for key in ("cpu_s", "hwm_mb"):
+        if kv.get(key):
+            valid[key] = float(kv[key])
+    if quiet is not None:
+        ratio = f"{ok_rate(valid) / ok_rate(quiet):.2f} of quiet W1 c=8's {ok_rate(quiet):.1f}"
+    else:
+        ratio = "n/a (no quiet W1 c=8 run)"
+    bad = valid["non2xx"] + valid["socket_errors"]
+    rss = f"{valid['hwm_mb']:.0f} MB" if "hwm_mb" in valid else "?"
+    valid["note"] = (
+        f"req/s {ratio} (target >= 0.7); non-2xx {bad} (target 0); peak RSS {rss}, "
+        f"max_memory_mb {max_memory(int(kv['sport']))}; CPU columns: all server CPU (attack too) "
+        "per valid answer" + kv.get("note", "")
+    )
+
+    # /health: a probe that failed (timeout, error, not 200) counts as 5000 ms, a timeout's worth.
+    probes = [h for h in attack["health"] if inside(h)]
+    lat = sorted(h[1] if h[2] == 200 else 5000.0 for h in probes)
+    failed = sum(1 for h in probes if h[2] != 200)
+    p99 = nearest_rank(lat, 99) if lat else None
+    health = {
+        "name": "attack: /health every 100 ms",
+        "conns": "-",
+        "requests": len(probes),
+        "seconds": seconds,
+        "non2xx": failed,
+        "socket_errors": 0,
+        "p50_us": nearest_rank(lat, 50) * 1000 if lat else None,
+        "p99_us": p99 * 1000 if lat else None,
+        "note": (
+            f"p99 {fmt_ms(p99 * 1000) if lat else '-'} ms (target < 100), max "
+            f"{fmt_ms(lat[-1] * 1000) if lat else '-'} ms; {len(probes)} probes, {failed} failed "
+            f"({by_status(h[2] for h in probes)}; a failure counts as 5000 ms); fresh connection each"
+        ),
+    }
+
+    sent = [h for h in attack["hostile"] if inside(h)]
+    answered = [h for h in sent if isinstance(h[2], int)]
+    hlat = sorted(h[3] for h in answered)
+    kinds = "; ".join(
+        f"{k} {by_status(h[2] for h in sent if h[1] == k)}" for k in attack["kinds"]
+    )
+    idle = [s for s in attack["idle"] if inside(s)]
+    wanted = attack["idle_wanted"]
+    if idle:
+        held = (f"idle sockets held (image+status, of {wanted[0]}+{wanted[1]}): min "
+                f"{min(s[1] for s in idle)}+{min(s[2] for s in idle)}")
+    else:
+        held = "idle sockets: no sample"
+    totals = attack["idle_totals"]
+    closes = totals["image"]["server_closes"] + totals["status"]["server_closes"]
+    hostile = {
+        "name": f"attack: hostile, {attack['rate']:g}/s",
+        "conns": "-",
+        "requests": len(answered),
+        "seconds": seconds,
+        "non2xx": sum(1 for h in answered if not 200 <= h[2] < 300),
+        "socket_errors": len(sent) - len(answered),
+        "p50_us": nearest_rank(hlat, 50) * 1000 if hlat else None,
+        "p99_us": nearest_rank(hlat, 99) * 1000 if hlat else None,
+        "all_answers": True,
+        "note": (
+            f"answers by kind: {kinds}; {held}, closed by the server {closes} times "
+            f"(whole attack); req/s: all answers, non-2xx: refusals + no answer (10 s timeout)"
+        ),
+    }
+    for row in (valid, health, hostile):
+        print(json.dumps(row))
+
+
 def wrk_stats(path):
     """The BENCH line of a wrk output; several (W5's rounds) are summed: requests, duration and
     errors add up, p50 is the median round's and p99 the worst round's."""
@@ -313,6 +527,14 @@ def main(argv):
         ratio(args[0], args[1])
     elif cmd == "record":
         record(args)
+    elif cmd == "has-row":
+        rows = [json.loads(line) for line in open(args[0]) if line.strip()]
+        found = any(r["name"] == args[1] and str(r["conns"]) == args[2] for r in rows)
+        print("yes" if found else "no")
+    elif cmd == "attack-record":
+        attack_record(args)
+    elif cmd == "scanbomb":
+        scan_bomb(args[0], int(args[1]))
     elif cmd == "table":
         table(args[0])
     else:

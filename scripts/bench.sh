@@ -16,6 +16,18 @@
 #   W6 stampede 200 simultaneous requests for one cold key: one origin fetch and one render expected
 #   mixed       16 connections of valid cold JPEGs next to 16 connections of decoder bombs (a PNG whose
 #               header claims 100000x100000, a GIF frame at offset 60000,60000)
+#   attack      W1 fit at 8 connections (W1's server flags) for 30 s while scripts/attack.py, on the same
+#               machine, holds 2000 idle sockets on the image port and 200 on the status port (sending
+#               nothing; one the server closes is opened again), sends 50 hostile requests/s on fresh
+#               connections, three kinds in turn: a JPEG scan bomb (flat grey 6000x6000, one AC scan
+#               repeated 20000 times: made by bench.py with cjpeg, checked with djpeg), full_size.avif
+#               of the 6000x4000 original, the mixed row's decoder bombs; and GETs /health on the status
+#               port every 100 ms (fresh connection, 5 s timeout). Three rows, counting only what was
+#               sent during the wrk run: the valid requests (req/s as a ratio of the W1 fit c=8 row,
+#               target >= 0.7; non-2xx, target 0; peak RSS next to max_memory_mb), /health (p50/p99,
+#               target p99 < 100 ms; a failed probe counts as 5000 ms) and the hostile answers by kind
+#               and status. Without the W1 fit c=8 row (BENCH_ONLY), a quiet W1 run on the attack's
+#               server comes first as the reference.
 #
 # Every render request names a different id (`/product/image/<n>/…`); all ids are hard links to one
 # original, so each is a distinct URL and cache key while the bytes come from the page cache. Render
@@ -34,9 +46,10 @@
 # The load generator runs on the same machine (wrk, one thread) and takes CPU from the server: on a
 # 2-core box that costs the server a few percent at render rates and much more at W5's hit rates.
 #
-# Usage: scripts/bench.sh                 full run: 15 s per workload (+1 s warm-up), ~9 min in all
-#        BENCH_QUICK=1 scripts/bench.sh   smoke run: 2 s per workload, no warm-up, 10 floor runs
-#        BENCH_DURATION=N                 seconds per workload (overrides both)
+# Usage: scripts/bench.sh                 full run: 15 s per workload, 30 s for attack (+1 s warm-up),
+#                                         ~10 min in all (+2-3 min the first time: the scan bomb's check)
+#        BENCH_QUICK=1 scripts/bench.sh   smoke run: 2 s per workload (attack too), no warm-up, 10 floor runs
+#        BENCH_DURATION=N                 seconds per workload, attack included (overrides both)
 #        BENCH_ONLY='W1|W5'               only the workloads whose name matches this extended regex
 #        BENCH_KEEP=1                     keep the temporary directory (server logs, wrk outputs)
 # The report also goes to target/bench/report.txt; generated originals are kept in target/bench/inputs
@@ -48,10 +61,14 @@ cd "$root"
 
 if [ "${BENCH_QUICK:-0}" = 1 ]; then
     duration=${BENCH_DURATION:-2}
+    attack_duration=${BENCH_DURATION:-2}
     warmup=0
     floor_runs=10
 else
     duration=${BENCH_DURATION:-15}
+    # Longer than the others: a scan bomb's render can outlast 15 s, and the row is about what
+    # builds up while the attack goes on.
+    attack_duration=${BENCH_DURATION:-30}
     warmup=1
     floor_runs=50
 fi
@@ -62,7 +79,7 @@ bomb_ids=30000
 # wrk threads: one is plenty for these rates and leaves the cores to the server.
 wrk_threads=1
 
-for tool in wrk nginx djpeg vips vipsheader curl python3 cargo; do
+for tool in wrk nginx djpeg cjpeg vips vipsheader curl python3 cargo; do
     command -v "$tool" >/dev/null || {
         echo "bench: $tool missing (scripts/install-deps.sh build bench)" >&2
         exit 1
@@ -79,11 +96,11 @@ work="$(mktemp -d "${TMPDIR:-/tmp}/image-server-bench.XXXXXX")"
 chmod 755 "$work"
 started=() # every process this script starts; stopped on exit, whatever happens
 
-# Stops one process we started: TERM, then KILL after 5 s.
+# stop PID [SECONDS]: stops one process we started: TERM, then KILL after SECONDS (5).
 stop() {
     local pid=$1 i
     kill -TERM "$pid" 2>/dev/null || return 0
-    for i in $(seq 50); do
+    for i in $(seq $((${2:-5} * 10))); do
         kill -0 "$pid" 2>/dev/null || break
         sleep 0.1
     done
@@ -160,6 +177,18 @@ bench_py links "$src" "$src/gif-bomb" gb "$bomb_ids"
 ln "$src/big.jpg" "$src/hit"
 ln "$src/big.jpg" "$src/stampede"
 
+# The attack row's JPEG scan bomb: kept with the originals, since checking it means a full djpeg
+# decode of its 20004 scans (minutes of CPU). Only made when that row runs.
+scan_bomb="$inputs/scan-bomb-6000x6000-20000.jpg"
+if want attack; then
+    if [ ! -f "$scan_bomb" ] || [ ! -f "$scan_bomb.txt" ]; then
+        say "generating $scan_bomb (checked by a full djpeg decode: a few minutes)"
+        bench_py scanbomb "$scan_bomb" 20000 >/dev/null
+    fi
+    cp "$scan_bomb" "$src/scan-bomb"
+    bench_py links "$src" "$src/scan-bomb" sb "$bomb_ids"
+fi
+
 say "floor: djpeg CPU per image, $floor_runs runs each"
 floor_fit="$(bench_py floor "$big" 1/8 "$floor_runs")"
 floor_cover="$(bench_py floor "$big" 1/4 "$floor_runs")"
@@ -190,11 +219,15 @@ nocache=(--set memory_cache_mb=0 --set originals_cache_mb=0)
 bigqueue=(--set queue_size=64)
 
 server_pid=""
+server_nofile="" # when set, the server's soft RLIMIT_NOFILE (the attack row sets it)
 # start_server NAME [--set KEY=VALUE]...: starts and waits for /ready (10 s at most).
 start_server() {
     local name=$1 i
     shift
-    "$bin" -e test "${common[@]}" "$@" serve >"$work/server-$name.log" 2>&1 &
+    (
+        if [ -n "$server_nofile" ]; then ulimit -Sn "$server_nofile"; fi
+        exec "$bin" -e test "${common[@]}" "$@" serve
+    ) >"$work/server-$name.log" 2>&1 &
     server_pid=$!
     started+=("$server_pid")
     for i in $(seq 100); do
@@ -504,10 +537,89 @@ mixed_attack() {
     stop_server mixed
 }
 
+# Under attack: W1 fit c=8 with W1's flags while scripts/attack.py holds idle sockets open, sends
+# hostile requests and probes /health (its doc comment has the details). Only what was sent between
+# the start and the end of the wrk run counts, so the attacker's ramp-up (connecting 2,200 sockets)
+# and the wait for the last hostile answers stay out of the figures.
+under_attack() {
+    local cpu0 cpu1 hwm t0 t1 attack_pid i u=/product/image
+    say "attack: W1 fit, 8 connections, $attack_duration s, next to 2200 idle sockets," \
+        "50 hostile requests/s and /health every 100 ms"
+    # 2,200 idle sockets and up to 500 hostile requests waiting (50/s, 10 s timeout) need more
+    # descriptors than the usual soft limit of 1024; the hard limit is as far as an unprivileged
+    # user may raise it (and what the server raises its own soft limit to at start-up anyway).
+    server_nofile="$(ulimit -Hn)"
+    start_server attack "${nocache[@]}" "${bigqueue[@]}"
+    server_nofile=""
+    counter_lua "$work/valid.lua" /w300-q80.jpg /product/image/
+    if [ "$warmup" = 1 ]; then
+        run_wrk 8 "$work/valid.lua" "$work/wrk.out" "$port" 1
+        wait_idle
+    fi
+    # The ratio compares with the W1 fit c=8 row of this run; when BENCH_ONLY left that row out, a
+    # quiet run of the same length on this server (before any attacker) takes its place.
+    if [ "$(bench_py has-row "$results" "W1 fit" 8)" = no ]; then
+        say "attack: no W1 fit c=8 row in this run, a quiet reference run first"
+        run_wrk 8 "$work/valid.lua" "$work/attack-quiet.out" "$port"
+        wait_idle
+        bench_py record name="attack: quiet W1 fit (reference)" conns=8 wrk="$work/attack-quiet.out" \
+            note="this server before the attack; the W1 fit c=8 row did not run (BENCH_ONLY)" \
+            >>"$results"
+    fi
+
+    rm -f "$work/attack.ready"
+    # Ids: each hostile request names a different original, as the valid ones do (sb = scan bomb,
+    # L = the 6000x4000 original, pb/gb = the decoder bombs); they wrap after $ids.
+    python3 "$root/scripts/attack.py" "$port" "$sport" "$work/attack.json" "$work/attack.ready" \
+        --idle 2000 --status-idle 200 --rate 50 --ids "$ids" --hostile-timeout 10 \
+        --kind "scan bomb=$u/sb{n}/w300-q80.jpg" \
+        --kind "full_size.avif=$u/L{n}/full_size.avif" \
+        --kind "decoder bomb=$u/pb{n}/w300-q80.jpg,$u/gb{n}/w300-q80.jpg" \
+        2>"$work/attack.log" &
+    attack_pid=$!
+    started+=("$attack_pid")
+    # attack.py writes the file once every idle socket has connected (20 s at most).
+    for i in $(seq 300); do
+        [ -s "$work/attack.ready" ] && break
+        kill -0 "$attack_pid" 2>/dev/null || {
+            say "attack.py exited:"
+            cat "$work/attack.log" >&2
+            exit 1
+        }
+        sleep 0.1
+    done
+    [ -s "$work/attack.ready" ] || {
+        say "attack.py did not get under way in 30 s"
+        exit 1
+    }
+    # One second of hostile traffic before the valid one, so the run starts under attack.
+    sleep 1
+
+    t0="$(date +%s.%N)"
+    cpu0="$(bench_py cpu "$server_pid")"
+    run_wrk 8 "$work/valid.lua" "$work/attack-valid.out" "$port" "$attack_duration"
+    cpu1="$(bench_py cpu "$server_pid")"
+    t1="$(date +%s.%N)"
+    # attack.py stops sending, closes its idle sockets and waits for the answers still due (each
+    # request has its timeout, 10 s at most), then writes its results: 15 s before KILL.
+    stop "$attack_pid" 15
+    [ -s "$work/attack.json" ] || {
+        say "attack.py wrote no results:"
+        cat "$work/attack.log" >&2
+        exit 1
+    }
+    hwm="$(bench_py hwm "$server_pid")"
+    bench_py attack-record wrk="$work/attack-valid.out" attack="$work/attack.json" t0="$t0" t1="$t1" \
+        results="$results" sport="$sport" hwm_mb="$hwm" cpu_s="$(awk "BEGIN { print $cpu1 - $cpu0 }")" \
+        note="$(ids_note "$work/attack-valid.out")" >>"$results"
+    stop_server attack
+}
+
 cores="$(nproc)"
 if want "W5 hit"; then w5_hits; fi
 if want "W6 stampede"; then w6_stampede; fi
 if want "mixed"; then mixed_attack; fi
+if want "attack"; then under_attack; fi
 
 # --- Report -------------------------------------------------------------------------------------
 
@@ -523,8 +635,11 @@ mkdir -p "$root/target/bench"
     echo "floor (djpeg CPU per image, mean of $floor_runs): -scale 1/8 = $floor_fit ms (W1)," \
         "-scale 1/4 = $floor_cover ms (W2), 6000x4000 -scale 1/8 = $floor_large ms (W3);" \
         "each row's x floor divides by the mean of djpeg runs just before and after that row (notes)"
-    echo "server: W1-W4 and mixed with memory_cache_mb=0 originals_cache_mb=0 queue_size=64" \
+    echo "server: W1-W4, mixed and attack with memory_cache_mb=0 originals_cache_mb=0 queue_size=64" \
         "(unless noted); W5, W6 with the defaults; restarted for each row (peak RSS is per row)"
+    if want attack; then
+        echo "attack: $attack_duration s; $(cat "$scan_bomb.txt")"
+    fi
     echo
     bench_py table "$results"
 } | tee "$root/target/bench/report.txt"

@@ -26,6 +26,10 @@ pub struct Config {
     pub server_port: u16,
     /// `status_port` (7001).
     pub status_port: u16,
+    /// `status_address` (default: `listen_address`): the address the status port binds to.
+    pub status_address: std::net::IpAddr,
+    /// `http2_max_concurrent_streams` (100).
+    pub http2_max_concurrent_streams: u32,
     /// `source_domain`: HTTP(S) base URL of originals.
     pub source_domain: Option<url::Url>,
     /// `source_path`: template of the original's path/key (`{model}/{type}/{id}/original.jpg`).
@@ -52,6 +56,10 @@ pub struct Config {
     pub avif_effort: u8,
     /// `avif_concurrency` (1).
     pub avif_concurrency: usize,
+    /// `avif_queue_size` (4 × `avif_concurrency`): AVIF renders waiting in their own queue.
+    pub avif_queue_size: usize,
+    /// `max_avif_output_pixels` (2048 × 2048): larger AVIF outputs answer 406.
+    pub max_avif_output_pixels: u64,
     /// `progressive_jpeg` (true).
     pub progressive_jpeg: bool,
     /// `crop_gravity` (centre).
@@ -90,18 +98,28 @@ pub struct Config {
     pub download_concurrency: usize,
     /// `max_inflight_download_mb` (256).
     pub max_inflight_download_bytes: u64,
+    /// `max_memory_mb` (1024), in bytes: the memory all renders may reserve at once.
+    pub max_memory_bytes: u64,
+    /// `max_jpeg_scans` (100).
+    pub max_jpeg_scans: u32,
     /// `upload_concurrency` (seed `manta_concurrency`, 4).
     pub upload_concurrency: usize,
     /// `upload_backlog` (1000): queued background writes before new ones are dropped and counted.
     pub upload_backlog: usize,
     /// `request_timeout` (10 s).
     pub request_timeout: Duration,
+    /// `render_timeout` (8 s), capped at `request_timeout`.
+    pub render_timeout: Duration,
     /// `fetch_timeout` (5 s).
     pub fetch_timeout: Duration,
     /// `connect_timeout` (2 s).
     pub connect_timeout: Duration,
     /// `header_read_timeout` (10 s).
     pub header_read_timeout: Duration,
+    /// `keep_alive_timeout` (75 s): an idle connection is closed after it.
+    pub keep_alive_timeout: Duration,
+    /// `send_timeout` (30 s): a response write without progress for this long closes the connection.
+    pub send_timeout: Duration,
     /// `store_timeout` (2 s): one result-store read or write.
     pub store_timeout: Duration,
     /// `shutdown_grace` (20 s).
@@ -690,7 +708,9 @@ struct RawConfig {
     listen_address: Value,
     server_port: Value,
     status_port: Value,
+    status_address: Value,
     max_connections: Value,
+    http2_max_concurrent_streams: Value,
     source_domain: Value,
     source_store: Value,
     source_path: Value,
@@ -710,6 +730,8 @@ struct RawConfig {
     avif_quality: Value,
     avif_effort: Value,
     avif_concurrency: Value,
+    avif_queue_size: Value,
+    max_avif_output_pixels: Value,
     progressive_jpeg: Value,
     crop_gravity: Value,
     enlarge: Value,
@@ -728,13 +750,18 @@ struct RawConfig {
     queue_size: Value,
     download_concurrency: Value,
     max_inflight_download_mb: Value,
+    max_memory_mb: Value,
+    max_jpeg_scans: Value,
     #[serde(alias = "manta_concurrency")]
     upload_concurrency: Value,
     upload_backlog: Value,
     request_timeout: Value,
+    render_timeout: Value,
     fetch_timeout: Value,
     connect_timeout: Value,
     header_read_timeout: Value,
+    keep_alive_timeout: Value,
+    send_timeout: Value,
     store_timeout: Value,
     shutdown_grace: Value,
     #[serde(alias = "graphite_host")]
@@ -1170,7 +1197,16 @@ fn validate(raw: &RawConfig, c: &Check<'_>) -> Result<Config, ConfigError> {
     };
     let server_port: u16 = c.num("server_port", &raw.server_port, 0, 65_535)?;
     let status_port: u16 = c.num("status_port", &raw.status_port, 0, 65_535)?;
-    if server_port != 0 && server_port == status_port {
+    let status_address = match c.opt_text("status_address", &raw.status_address)? {
+        None => listen_address,
+        Some(s) => s.parse::<IpAddr>().map_err(|_| {
+            c.err(
+                "status_address",
+                format!("expected an IP address such as 127.0.0.1 or ::1, or empty, got {s:?}"),
+            )
+        })?,
+    };
+    if server_port != 0 && server_port == status_port && status_address == listen_address {
         return Err(c.err(
             "status_port",
             format!("must differ from server_port, both are {server_port}"),
@@ -1399,6 +1435,23 @@ fn validate(raw: &RawConfig, c: &Check<'_>) -> Result<Config, ConfigError> {
     };
     let avif_concurrency: usize =
         c.num("avif_concurrency", &raw.avif_concurrency, 1, MAX_WORKERS)?;
+    let avif_queue_size =
+        match c.num::<usize>("avif_queue_size", &raw.avif_queue_size, 0, 1_000_000)? {
+            0 => 4 * avif_concurrency,
+            n => n,
+        };
+    // The AV1 encoder holds several buffers of the frame and cannot be stopped: 1 pixel .. the
+    // largest frame an encoder accepts (65536²).
+    let max_avif_output_pixels: u64 = c.num(
+        "max_avif_output_pixels",
+        &raw.max_avif_output_pixels,
+        1,
+        1 << 32,
+    )?;
+    let max_memory_bytes = c.size("max_memory_mb", &raw.max_memory_mb, MB, 16 * MB)?;
+    // Encoders write 1 (baseline) to about 10 scans; libjpeg's own marker limit is far above any
+    // legitimate file.
+    let max_jpeg_scans: u32 = c.num("max_jpeg_scans", &raw.max_jpeg_scans, 1, 100_000)?;
     let download_concurrency: usize = c.num(
         "download_concurrency",
         &raw.download_concurrency,
@@ -1433,6 +1486,16 @@ fn validate(raw: &RawConfig, c: &Check<'_>) -> Result<Config, ConfigError> {
     let fetch_timeout = timeout("fetch_timeout", &raw.fetch_timeout)?;
     let connect_timeout = timeout("connect_timeout", &raw.connect_timeout)?;
     let header_read_timeout = timeout("header_read_timeout", &raw.header_read_timeout)?;
+    let keep_alive_timeout = timeout("keep_alive_timeout", &raw.keep_alive_timeout)?;
+    let send_timeout = timeout("send_timeout", &raw.send_timeout)?;
+    // A render may not outlive the request that asked for it.
+    let render_timeout = timeout("render_timeout", &raw.render_timeout)?.min(request_timeout);
+    let http2_max_concurrent_streams: u32 = c.num(
+        "http2_max_concurrent_streams",
+        &raw.http2_max_concurrent_streams,
+        1,
+        MAX_WORKERS,
+    )?;
     let store_timeout = timeout("store_timeout", &raw.store_timeout)?;
     let shutdown_grace = c.duration("shutdown_grace", &raw.shutdown_grace, true, MAX_TIMEOUT)?;
 
@@ -1500,6 +1563,8 @@ fn validate(raw: &RawConfig, c: &Check<'_>) -> Result<Config, ConfigError> {
         listen_address,
         server_port,
         status_port,
+        status_address,
+        http2_max_concurrent_streams,
         source_domain,
         source_path,
         source_store,
@@ -1513,6 +1578,8 @@ fn validate(raw: &RawConfig, c: &Check<'_>) -> Result<Config, ConfigError> {
         avif_quality: c.num("avif_quality", &raw.avif_quality, 1, 100)?,
         avif_effort: c.num("avif_effort", &raw.avif_effort, 0, 9)?,
         avif_concurrency,
+        avif_queue_size,
+        max_avif_output_pixels,
         progressive_jpeg: c.boolean("progressive_jpeg", &raw.progressive_jpeg)?,
         crop_gravity,
         enlarge: c.boolean("enlarge", &raw.enlarge)?,
@@ -1532,12 +1599,17 @@ fn validate(raw: &RawConfig, c: &Check<'_>) -> Result<Config, ConfigError> {
         queue_size,
         download_concurrency,
         max_inflight_download_bytes,
+        max_memory_bytes,
+        max_jpeg_scans,
         upload_concurrency,
         upload_backlog,
         request_timeout,
+        render_timeout,
         fetch_timeout,
         connect_timeout,
         header_read_timeout,
+        keep_alive_timeout,
+        send_timeout,
         store_timeout,
         shutdown_grace,
         max_connections,
@@ -1587,6 +1659,21 @@ impl Config {
             max_pixels: self.max_source_pixels,
             max_side: self.max_source_side,
             accept_avif_input: self.accept_avif_input,
+            max_jpeg_scans: self.max_jpeg_scans,
+        }
+    }
+
+    /// The render pool's sizes and budgets.
+    pub fn pool(&self) -> crate::image::PoolConfig {
+        crate::image::PoolConfig {
+            concurrency: self.processing_concurrency,
+            queue_size: self.queue_size,
+            staged: self.download_concurrency,
+            avif_concurrency: self.avif_concurrency,
+            avif_queue_size: self.avif_queue_size,
+            memory_bytes: self.max_memory_bytes,
+            render_timeout: self.render_timeout,
+            max_avif_pixels: self.max_avif_output_pixels,
         }
     }
 
@@ -1612,7 +1699,9 @@ impl Config {
                 "listen_address": self.listen_address.to_string(),
                 "server_port": self.server_port,
                 "status_port": self.status_port,
+                "status_address": self.status_address.to_string(),
                 "max_connections": self.max_connections,
+                "http2_max_concurrent_streams": self.http2_max_concurrent_streams,
                 "source_domain": source_domain,
                 "source_store": self.source_store,
                 "source_path": self.source_path,
@@ -1640,6 +1729,8 @@ impl Config {
                 },
                 "avif_effort": self.avif_effort,
                 "avif_concurrency": self.avif_concurrency,
+                "avif_queue_size": self.avif_queue_size,
+                "max_avif_output_pixels": self.max_avif_output_pixels,
                 "progressive_jpeg": self.progressive_jpeg,
                 "crop_gravity": gravity,
                 "enlarge": self.enlarge,
@@ -1662,6 +1753,8 @@ impl Config {
                 "queue_size": self.queue_size,
                 "download_concurrency": self.download_concurrency,
                 "max_inflight_download_bytes": self.max_inflight_download_bytes,
+                "max_memory_mb": self.max_memory_bytes / MB,
+                "max_jpeg_scans": self.max_jpeg_scans,
                 "upload_concurrency": self.upload_concurrency,
                 "upload_backlog": self.upload_backlog,
                 "timeouts_ms": {
@@ -1669,6 +1762,9 @@ impl Config {
                     "fetch": millis(self.fetch_timeout),
                     "connect": millis(self.connect_timeout),
                     "header_read": millis(self.header_read_timeout),
+                    "keep_alive": millis(self.keep_alive_timeout),
+                    "send": millis(self.send_timeout),
+                    "render": millis(self.render_timeout),
                     "store": millis(self.store_timeout),
                     "shutdown_grace": millis(self.shutdown_grace),
                 },

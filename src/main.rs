@@ -23,6 +23,10 @@ fn main() -> ExitCode {
     };
     let command = cli.command.unwrap_or(Command::Serve);
     if let Command::CheckConfig = command {
+        let outbound = (config.download_concurrency + config.upload_concurrency) as u64;
+        if let (_, Some(warning)) = server::fit_connections(config.max_connections, outbound) {
+            println!("warning: {warning}");
+        }
         println!("configuration OK");
         return ExitCode::SUCCESS;
     }
@@ -72,15 +76,22 @@ fn init_tracing(config: &Config) {
         .init();
 }
 
-async fn serve(config: Config) -> anyhow::Result<ExitCode> {
+async fn serve(mut config: Config) -> anyhow::Result<ExitCode> {
     metrics::install(config.statsd_host.as_ref().map(|host| StatsdTarget {
         host: host.clone(),
         port: config.statsd_port,
         prefix: config.statsd_prefix.clone(),
     }));
-    let ip = config.listen_address;
-    let listener = tokio::net::TcpListener::bind((ip, config.server_port)).await?;
-    let status = tokio::net::TcpListener::bind((ip, config.status_port)).await?;
+    // Outbound connections (downloads, result-store writers) need descriptors too.
+    let outbound = (config.download_concurrency + config.upload_concurrency) as u64;
+    let (max_connections, warning) = server::fit_connections(config.max_connections, outbound);
+    if let Some(warning) = warning {
+        tracing::warn!("{warning}");
+    }
+    config.max_connections = max_connections;
+    let listener =
+        tokio::net::TcpListener::bind((config.listen_address, config.server_port)).await?;
+    let status = tokio::net::TcpListener::bind((config.status_address, config.status_port)).await?;
     tracing::info!(
         image = %listener.local_addr()?,
         status = %status.local_addr()?,

@@ -46,6 +46,9 @@ pub const REJECTED: &str = "rejected";
 /// Prefix of `purge.{outcome}`: status-port purge calls (`ok`, `unauthorized`, `bad_id`, `disabled`,
 /// `failed`).
 pub const PURGE: &str = "purge";
+/// Prefix of `connection.closed.{reason}`: connections the server closed (`header_timeout`,
+/// `keep_alive`, `send_timeout`, `evicted`).
+pub const CONNECTION_CLOSED: &str = "connection.closed";
 /// Timer: fetching an original (statsd `|ms`; Prometheus seconds).
 pub const TIME_FETCH: &str = "time.fetch";
 /// Timer: rendering a variant, queue wait included (statsd `|ms`; Prometheus seconds).
@@ -105,6 +108,10 @@ pub const COUNTERS: &[(&str, &str)] = &[
     (
         PURGE,
         "status-port purge calls, by outcome: purge.{ok,unauthorized,bad_id,disabled,failed}",
+    ),
+    (
+        CONNECTION_CLOSED,
+        "connections closed by the server: connection.closed.{header_timeout,keep_alive,send_timeout,evicted}",
     ),
 ];
 

@@ -6,8 +6,9 @@
 //! result is returned at once; the remote write is queued in the background. A failure stores nothing
 //! except the negative entry for a missing original.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
@@ -19,7 +20,7 @@ use crate::cache::remote::RemoteStore;
 use crate::cache::{Tier, Variant};
 use crate::config::Config;
 use crate::error::Error;
-use crate::image::{Processor, RenderSpec};
+use crate::image::{ImageError, Processor, RenderSpec};
 use crate::metrics as m;
 use crate::request::{CacheKey, DefaultQuality, Format, ImageRequest};
 use crate::source::guard::{SourceGuard, SourceUrl};
@@ -54,6 +55,9 @@ struct Inner {
     overrides: Option<SourceGuard>,
     /// During a store outage every miss fails its read: log the first, then one summary per period.
     store_warning: RateLimitedWarning,
+    /// Requesters waiting for each key's load, so a queued render nobody waits for any more is
+    /// dropped before it starts.
+    waiting: Waiting,
 }
 
 /// What answered a request.
@@ -83,13 +87,7 @@ pub struct PipelineStats {
 impl Pipeline {
     /// Builds the pipeline from a validated config, a source and an optional result store.
     pub fn new(config: Arc<Config>, source: Source, remote: Option<RemoteStore>) -> Pipeline {
-        let processor = Processor::new(
-            config.processing_concurrency,
-            config.queue_size,
-            config.download_concurrency,
-            config.avif_concurrency,
-            config.decode_limits(),
-        );
+        let processor = Processor::new(config.pool(), config.decode_limits());
         let memory = MemoryCache::new(
             config.memory_cache_bytes,
             config.memory_cache_max_entry_bytes,
@@ -118,6 +116,7 @@ impl Pipeline {
                 downloads_total: AtomicU64::new(0),
                 overrides: None,
                 store_warning: RateLimitedWarning::default(),
+                waiting: Waiting::default(),
             }),
         }
     }
@@ -168,8 +167,16 @@ impl Pipeline {
         if inner.memory.is_not_found(&original).await {
             return Err(SourceError::NotFound.into());
         }
-        let load = Inner::load(self.inner.clone(), req.clone(), format, source.cloned());
-        match inner.memory.get_or_load(key, load).await {
+        // Held until this requester has its answer or goes away (the future is dropped).
+        let waiter = inner.waiting.join(&key);
+        let mut result = self.shared_load(req, format, source, &key, &waiter).await;
+        if matches!(result, Err(Error::Image(ImageError::Abandoned))) {
+            // This requester joined a load in the instant it was dropped for having nobody waiting:
+            // start one of its own.
+            result = self.shared_load(req, format, source, &key, &waiter).await;
+        }
+        drop(waiter);
+        match result {
             Ok((variant, outcome)) => {
                 if outcome == Outcome::Shared {
                     m::incr(m::COALESCED);
@@ -184,6 +191,25 @@ impl Pipeline {
                 Err(e)
             }
         }
+    }
+
+    /// One coalesced load of `key` (moka's single flight), told who is waiting for it.
+    async fn shared_load(
+        &self,
+        req: &ImageRequest,
+        format: Format,
+        source: Option<&SourceUrl>,
+        key: &CacheKey,
+        waiter: &Waiter,
+    ) -> Result<(Arc<Variant>, Outcome), Error> {
+        let load = Inner::load(
+            self.inner.clone(),
+            req.clone(),
+            format,
+            source.cloned(),
+            waiter.count.clone(),
+        );
+        self.inner.memory.get_or_load(key.clone(), load).await
     }
 
     /// Renders one variant straight into the result store (for `warm`): same keys, same limits.
@@ -202,7 +228,7 @@ impl Pipeline {
         {
             return Ok(false);
         }
-        let variant = inner.render(req, req.format, None).await?;
+        let variant = inner.render(req, req.format, None, None).await?;
         remote
             .put(&key, &variant)
             .await
@@ -285,6 +311,7 @@ impl Inner {
         req: ImageRequest,
         format: Format,
         source: Option<SourceUrl>,
+        waiters: Arc<AtomicUsize>,
     ) -> Result<Arc<Variant>, Error> {
         let key = result_key(&req, format, source.as_ref());
         if let Some(remote) = &this.remote {
@@ -295,23 +322,33 @@ impl Inner {
                 Err(e) => this.store_warning.warn(&e),
             }
         }
-        let variant = Arc::new(this.render(&req, format, source.as_ref()).await?);
+        let variant = Arc::new(
+            this.render(&req, format, source.as_ref(), Some(&waiters))
+                .await?,
+        );
         if let Some(remote) = &this.remote {
             remote.enqueue(key, variant.clone());
         }
         Ok(variant)
     }
 
-    /// Fetches the original (shared) and renders it in the pool.
+    /// Fetches the original (shared) and renders it in the pool. `waiters`: the requesters of this
+    /// render (`None` for `warm`, which always wants it); when none is left before the download or
+    /// before the render starts, it is dropped ([`ImageError::Abandoned`]).
     async fn render(
         &self,
         req: &ImageRequest,
         format: Format,
         source: Option<&SourceUrl>,
+        waiters: Option<&AtomicUsize>,
     ) -> Result<Variant, Error> {
+        let wanted = || waiters.is_none_or(|w| w.load(Ordering::Acquire) > 0);
         // Admission first: a request the full pool would refuse (503) must not cost a download.
-        let admission = self.processor.admit()?;
+        let admission = self.processor.admit(format)?;
         let staged = self.processor.stage().await?;
+        if !wanted() {
+            return Err(ImageError::Abandoned.into());
+        }
         let original = self.original(req, source).await?;
         let spec = RenderSpec {
             version: req.version,
@@ -326,7 +363,7 @@ impl Inner {
         let started = Instant::now();
         let rendered = self
             .processor
-            .render_admitted(admission, Some(staged), original, spec)
+            .render_admitted(admission, Some(staged), original, spec, &wanted)
             .await;
         m::time(m::TIME_PROCESS, started.elapsed());
         m::gauge(m::PROCESSING_CURRENT, self.processor.current() as f64);
@@ -404,6 +441,47 @@ impl Inner {
             .try_get_with(id, fetch)
             .await
             .map_err(|shared| (*shared).clone())
+    }
+}
+
+/// Requesters waiting for each key's load. Entries are shared by the requesters of a key and the
+/// load serving them; the map holds them weakly, so it only ever names loads in progress.
+#[derive(Default)]
+struct Waiting {
+    keys: Mutex<HashMap<CacheKey, Weak<AtomicUsize>>>,
+}
+
+/// One requester's place among a key's waiters, given up on drop.
+struct Waiter {
+    count: Arc<AtomicUsize>,
+}
+
+impl Waiting {
+    /// Above this many entries, dead ones (loads finished after their last requester left) are
+    /// swept on the next join.
+    const SWEEP_ABOVE: usize = 1024;
+
+    fn join(&self, key: &CacheKey) -> Waiter {
+        let mut keys = self.keys.lock().unwrap_or_else(|e| e.into_inner());
+        if keys.len() > Self::SWEEP_ABOVE {
+            keys.retain(|_, w| w.strong_count() > 0);
+        }
+        let count = match keys.get(key).and_then(Weak::upgrade) {
+            Some(count) => count,
+            None => {
+                let count = Arc::new(AtomicUsize::new(0));
+                keys.insert(key.clone(), Arc::downgrade(&count));
+                count
+            }
+        };
+        count.fetch_add(1, Ordering::AcqRel);
+        Waiter { count }
+    }
+}
+
+impl Drop for Waiter {
+    fn drop(&mut self) {
+        self.count.fetch_sub(1, Ordering::AcqRel);
     }
 }
 

@@ -22,6 +22,7 @@ use crate::image::vips;
 use crate::metrics as m;
 use crate::pipeline::{Pipeline, Served};
 use crate::request::{Format, ImageRequest, Rules};
+use crate::server::connection::Room;
 use crate::source::guard::{Refusal, SourceUrl};
 use crate::source::Source;
 
@@ -61,6 +62,18 @@ pub struct App {
     error_cache_control: HeaderValue,
     /// `Cache-Control` sent on images.
     cache_control: HeaderValue,
+    /// The open connections of each port (the server evicts idle ones from them; the status page
+    /// counts them).
+    pub rooms: Rooms,
+}
+
+/// The open connections of both ports.
+#[derive(Default)]
+pub struct Rooms {
+    /// The image port's.
+    pub image: Arc<Room>,
+    /// The status port's.
+    pub status: Arc<Room>,
 }
 
 impl App {
@@ -114,6 +127,7 @@ impl App {
             started: Instant::now(),
             error_cache_control,
             cache_control,
+            rooms: Rooms::default(),
         }
     }
 
@@ -121,8 +135,9 @@ impl App {
     pub async fn handle<B>(self: Arc<Self>, req: Request<B>) -> Response<Body> {
         let started = Instant::now();
         m::incr(m::REQUEST);
-        let result = self.answer(&req).await;
-        let (response, tier, kind) = match result {
+        let mut negotiable = false;
+        let result = self.answer(&req, &mut negotiable).await;
+        let (mut response, tier, kind) = match result {
             Ok((response, tier)) => (response, Some(tier), None),
             Err(err) => {
                 m::incr_with(m::REJECTED, err.kind());
@@ -138,6 +153,13 @@ impl App {
                 )
             }
         };
+        if negotiable {
+            // The answer, error or not, was chosen knowing `Accept` (another `Accept` could have
+            // rendered another format, and failed or not differently): a cache must key on it.
+            response
+                .headers_mut()
+                .insert(header::VARY, HeaderValue::from_static("Accept"));
+        }
         let status = response.status();
         // Decided by the status actually sent (SPEC §6 "answered with an error status"), so a
         // response that failed to build and became a 500 counts too, and a 304 never does.
@@ -164,7 +186,12 @@ impl App {
         response
     }
 
-    async fn answer<B>(&self, req: &Request<B>) -> Result<(Response<Body>, Tier), Error> {
+    /// The answer to one image request; sets `negotiable` once the answer depends on `Accept`.
+    async fn answer<B>(
+        &self,
+        req: &Request<B>,
+        negotiable: &mut bool,
+    ) -> Result<(Response<Body>, Tier), Error> {
         let head = match *req.method() {
             Method::GET => false,
             Method::HEAD => true,
@@ -174,6 +201,7 @@ impl App {
             return Err(Error::ShuttingDown);
         }
         let parsed = ImageRequest::parse(req.uri().path(), &self.rules)?;
+        *negotiable = self.negotiable(&parsed);
         if let Some(key) = &self.config.url_signing_key {
             crate::signature::verify(key, req.uri().path(), req.uri().query())?;
         }
@@ -208,10 +236,15 @@ impl App {
         Ok(Some(guard.check(raw)?))
     }
 
+    /// Whether `auto_format` applies to this request, so its answer depends on `Accept`.
+    fn negotiable(&self, req: &ImageRequest) -> bool {
+        self.config.auto_format && matches!(req.format, Format::Jpeg | Format::Png)
+    }
+
     /// `auto_format`: a `jpg`/`png` request whose `Accept` lists AVIF or WebP (q > 0) gets the best of
     /// them that is whitelisted. Returns the format and whether the answer depends on `Accept`.
     fn pick_format(&self, req: &ImageRequest, headers: &HeaderMap) -> (Format, bool) {
-        if !self.config.auto_format || !matches!(req.format, Format::Jpeg | Format::Png) {
+        if !self.negotiable(req) {
             return (req.format, false);
         }
         let accept = headers
@@ -287,7 +320,12 @@ impl App {
             .header(header::CONTENT_TYPE, "text/plain; charset=utf-8")
             .header(header::CONTENT_LENGTH, body.len())
             .header(header::X_CONTENT_TYPE_OPTIONS, "nosniff");
-        builder = if status.is_server_error() {
+        // 5xx are passing trouble; 401/403 depend on credentials or a signature a shared cache must
+        // never answer another client with.
+        let private = status.is_server_error()
+            || status == StatusCode::FORBIDDEN
+            || status == StatusCode::UNAUTHORIZED;
+        builder = if private {
             builder.header(header::CACHE_CONTROL, "no-store")
         } else {
             builder.header(header::CACHE_CONTROL, self.error_cache_control.clone())

@@ -12,10 +12,12 @@
  * error, never a grey image): libjpeg warns, and carries on with made-up data, on a premature end of
  * data or corrupt entropy-coded segments.
  */
+#define _POSIX_C_SOURCE 199309L
 #include <setjmp.h>
 #include <stddef.h>
 #include <stdio.h>
 #include <string.h>
+#include <time.h>
 #include <jpeglib.h>
 
 /* Return codes; mirrored in jpeg.rs. */
@@ -23,6 +25,8 @@
 #define IS_JPEG_UNSUPPORTED 1 /* not 1 or 3 components the way libvips reads them: use libvips */
 #define IS_JPEG_CORRUPT 2     /* libjpeg error or warning: the original's fault */
 #define IS_JPEG_MISMATCH 3    /* the sizes disagree with the caller's (libvips') header */
+#define IS_JPEG_SCANS 4       /* more scans than max_scans */
+#define IS_JPEG_TIMEOUT 5     /* the deadline passed */
 
 struct is_jpeg_error {
     struct jpeg_error_mgr pub;
@@ -51,6 +55,46 @@ static void is_jpeg_output_message(j_common_ptr cinfo)
 }
 
 /*
+ * The second line of defence behind the marker walk in markers.rs, and the render deadline: libjpeg
+ * calls the progress monitor once per iMCU row while it absorbs input (every scan of a progressive
+ * file) and once per jpeg_read_scanlines call, so it sees a scan count over the limit, or a deadline
+ * that has passed, within one row of work. Leaving by longjmp from here is what djpeg -maxscans does.
+ */
+struct is_jpeg_progress {
+    struct jpeg_progress_mgr pub;
+    unsigned int max_scans;
+    int has_deadline;
+    struct timespec deadline;
+    unsigned int calls;
+    int reason; /* IS_JPEG_SCANS or IS_JPEG_TIMEOUT once the monitor stopped the decode */
+};
+
+static int is_jpeg_past(const struct timespec *deadline)
+{
+    struct timespec now;
+    if (clock_gettime(CLOCK_MONOTONIC, &now) != 0)
+        return 0;
+    return now.tv_sec > deadline->tv_sec ||
+           (now.tv_sec == deadline->tv_sec && now.tv_nsec >= deadline->tv_nsec);
+}
+
+static void is_jpeg_progress_monitor(j_common_ptr cinfo)
+{
+    struct is_jpeg_progress *p = (struct is_jpeg_progress *)cinfo->progress;
+    struct is_jpeg_error *err = (struct is_jpeg_error *)cinfo->err;
+    j_decompress_ptr d = (j_decompress_ptr)cinfo;
+    if (d->input_scan_number > 0 && (unsigned int)d->input_scan_number > p->max_scans) {
+        p->reason = IS_JPEG_SCANS;
+        longjmp(err->jump, 1);
+    }
+    /* The clock every 16 rows: a row is microseconds of work, a clock read tens of nanoseconds. */
+    if (p->has_deadline && (p->calls++ & 15) == 0 && is_jpeg_past(&p->deadline)) {
+        p->reason = IS_JPEG_TIMEOUT;
+        longjmp(err->jump, 1);
+    }
+}
+
+/*
  * Decodes data[0..len) at 1/denom scale into out (out_cap bytes), as expect_height rows of
  * *got_width pixels of bands bytes each, back to back.
  *
@@ -61,16 +105,34 @@ static void is_jpeg_output_message(j_common_ptr cinfo)
  * (expect_height + 1) pixels. When want_width is less than expect_width, only columns
  * [want_left, want_left + want_width) are asked for; libjpeg widens that band to whole iMCUs, and
  * *got_left / *got_width say which columns the rows hold.
+ *
+ * More than max_scans scans is IS_JPEG_SCANS; budget_ms >= 0 is a deadline that many milliseconds
+ * from now, past which the decode stops with IS_JPEG_TIMEOUT (budget_ms < 0: no deadline).
  */
 int is_jpeg_decode(const unsigned char *data, unsigned long len, unsigned int denom,
                    unsigned int expect_width, unsigned int expect_height, int bands,
                    unsigned int want_left, unsigned int want_width, unsigned char *out,
-                   size_t out_cap, unsigned int *got_left, unsigned int *got_width)
+                   size_t out_cap, unsigned int *got_left, unsigned int *got_width,
+                   unsigned int max_scans, long budget_ms)
 {
     struct jpeg_decompress_struct cinfo;
     struct is_jpeg_error err;
+    struct is_jpeg_progress progress;
     JDIMENSION left, width, kept, y;
     size_t stride, kept_stride;
+
+    memset(&progress, 0, sizeof progress);
+    progress.pub.progress_monitor = is_jpeg_progress_monitor;
+    progress.max_scans = max_scans;
+    if (budget_ms >= 0 && clock_gettime(CLOCK_MONOTONIC, &progress.deadline) == 0) {
+        progress.has_deadline = 1;
+        progress.deadline.tv_sec += budget_ms / 1000;
+        progress.deadline.tv_nsec += (budget_ms % 1000) * 1000000L;
+        if (progress.deadline.tv_nsec >= 1000000000L) {
+            progress.deadline.tv_sec += 1;
+            progress.deadline.tv_nsec -= 1000000000L;
+        }
+    }
 
     cinfo.err = jpeg_std_error(&err.pub);
     err.pub.error_exit = is_jpeg_error_exit;
@@ -80,9 +142,12 @@ int is_jpeg_decode(const unsigned char *data, unsigned long len, unsigned int de
      * destroy whatever exists by then. */
     if (setjmp(err.jump)) {
         jpeg_destroy_decompress(&cinfo);
-        return IS_JPEG_CORRUPT;
+        /* Read through a volatile lvalue: the monitor set it after setjmp, behind the compiler's back. */
+        int reason = ((volatile struct is_jpeg_progress *)&progress)->reason;
+        return reason ? reason : IS_JPEG_CORRUPT;
     }
     jpeg_create_decompress(&cinfo);
+    cinfo.progress = &progress.pub;
     jpeg_mem_src(&cinfo, data, len);
     jpeg_read_header(&cinfo, TRUE);
 

@@ -14,15 +14,18 @@
 //! Warnings count as errors, as with libvips' `fail_on=warning`: a truncated or corrupt original is
 //! [`JpegError::Corrupt`], never an image with made-up rows.
 
-use std::os::raw::{c_int, c_uint, c_ulong};
+use std::os::raw::{c_int, c_long, c_uint, c_ulong};
 
 use super::geometry::Size;
+use super::Deadline;
 
 /// Return codes of `is_jpeg_decode` (`jpeg.c`).
 const OK: c_int = 0;
 const UNSUPPORTED: c_int = 1;
 const CORRUPT: c_int = 2;
 const MISMATCH: c_int = 3;
+const SCANS: c_int = 4;
+const TIMEOUT: c_int = 5;
 
 extern "C" {
     fn is_jpeg_decode(
@@ -38,6 +41,8 @@ extern "C" {
         out_cap: usize,
         got_left: *mut c_uint,
         got_width: *mut c_uint,
+        max_scans: c_uint,
+        budget_ms: c_long,
     ) -> c_int;
 }
 
@@ -51,6 +56,12 @@ pub enum JpegError {
     /// libjpeg failed or warned: truncated or damaged data, the original's fault.
     #[error("corrupt or truncated JPEG data")]
     Corrupt,
+    /// More scans than allowed (libjpeg's progress monitor counted them).
+    #[error("JPEG over the scan limit")]
+    TooManyScans,
+    /// The render deadline passed during the decode.
+    #[error("render deadline passed during the JPEG decode")]
+    Timeout,
     /// The scaled size, band count or column band disagrees with what the caller expected (from
     /// libvips' header of the same bytes): a bug on our side.
     #[error("JPEG size disagrees with its header")]
@@ -83,6 +94,35 @@ pub fn decode(
     left: u32,
     width: u32,
 ) -> Result<Columns, JpegError> {
+    decode_within(
+        original,
+        denom,
+        scaled,
+        bands,
+        (left, width),
+        u32::MAX,
+        &Deadline::none(),
+    )
+}
+
+/// [`decode`], stopped by libjpeg's progress monitor at the first scan beyond `max_scans`
+/// ([`JpegError::TooManyScans`]) or once `deadline` has passed ([`JpegError::Timeout`]).
+pub fn decode_within(
+    original: &[u8],
+    denom: u32,
+    scaled: Size,
+    bands: u8,
+    (left, width): (u32, u32),
+    max_scans: u32,
+    deadline: &Deadline,
+) -> Result<Columns, JpegError> {
+    let budget_ms: c_long = match deadline.remaining() {
+        None => -1,
+        Some(left) => c_long::try_from(left.as_millis()).unwrap_or(c_long::MAX),
+    };
+    if budget_ms == 0 {
+        return Err(JpegError::Timeout);
+    }
     if ![1, 2, 4, 8].contains(&denom) || !matches!(bands, 1 | 3) {
         return Err(JpegError::Unsupported);
     }
@@ -115,12 +155,16 @@ pub fn decode(
             cap,
             &mut got_left,
             &mut got_width,
+            max_scans,
+            budget_ms,
         )
     };
     match code {
         OK => {}
         UNSUPPORTED => return Err(JpegError::Unsupported),
         CORRUPT => return Err(JpegError::Corrupt),
+        SCANS => return Err(JpegError::TooManyScans),
+        TIMEOUT => return Err(JpegError::Timeout),
         other => {
             debug_assert_eq!(other, MISMATCH, "a return code jpeg.c does not have");
             return Err(JpegError::Mismatch);

@@ -8,13 +8,16 @@
 //! live in [`vips`] (the only file that touches libvips); the pure size arithmetic in [`geometry`]; the
 //! SIMD resize of decoded 8-bit pixels in [`resample`].
 
+pub mod cost;
 pub mod geometry;
 pub mod jpeg;
+pub mod markers;
 pub mod resample;
 pub mod vips;
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use tokio::sync::Semaphore;
@@ -63,6 +66,8 @@ pub struct DecodeLimits {
     pub max_side: u32,
     /// `accept_avif_input`: whether HEIF/AVIF originals are loaded.
     pub accept_avif_input: bool,
+    /// `max_jpeg_scans`: scans a JPEG may have.
+    pub max_jpeg_scans: u32,
 }
 
 impl Default for DecodeLimits {
@@ -71,7 +76,36 @@ impl Default for DecodeLimits {
             max_pixels: 50_000_000,
             max_side: 16_384,
             accept_avif_input: false,
+            max_jpeg_scans: 100,
         }
+    }
+}
+
+/// When a render must stop (`render_timeout` after it got its slot), checked from inside the decoders
+/// and libvips' evaluation. [`Deadline::none`] never passes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Deadline(Option<Instant>);
+
+impl Deadline {
+    /// A deadline `after` from now.
+    pub fn after(after: Duration) -> Deadline {
+        Deadline(Instant::now().checked_add(after))
+    }
+
+    /// No deadline.
+    pub fn none() -> Deadline {
+        Deadline(None)
+    }
+
+    /// Time left (zero once passed), or `None` without a deadline.
+    pub fn remaining(&self) -> Option<Duration> {
+        self.0
+            .map(|at| at.saturating_duration_since(Instant::now()))
+    }
+
+    /// Whether the deadline has passed.
+    pub fn passed(&self) -> bool {
+        self.0.is_some_and(|at| Instant::now() >= at)
     }
 }
 
@@ -100,13 +134,70 @@ pub enum ImageError {
     /// The original is damaged or truncated: 422.
     #[error("original not decodable")]
     Undecodable,
+    /// A JPEG original with more scans than `max_jpeg_scans`: 422, nothing decoded.
+    #[error("JPEG original over the scan limit")]
+    TooManyScans,
+    /// The render's memory estimate exceeds all of `max_memory_mb`: 422, nothing decoded.
+    #[error("render over the memory budget")]
+    OverMemoryBudget,
+    /// An AVIF output over `max_avif_output_pixels`: 406.
+    #[error("AVIF output over the pixel limit")]
+    AvifTooLarge,
+    /// The render ran past `render_timeout` and was stopped: 504.
+    #[error("render deadline exceeded")]
+    Timeout,
     /// The pool and its queue are full: 503.
     #[error("processing queue full")]
     Overloaded,
+    /// A queued render dropped before it started because every requester had gone. Nobody is left
+    /// to answer; a requester that arrived at that very moment tries once more.
+    #[error("render abandoned by its requesters")]
+    Abandoned,
     /// libvips failed while resizing or encoding: 500. The detail is logged, never sent.
     #[error("render failed: {0}")]
     Internal(String),
 }
+
+/// How the pool is sized (from the configuration).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PoolConfig {
+    /// `processing_concurrency`: renders at once.
+    pub concurrency: usize,
+    /// `queue_size`: renders waiting for a slot (every format but AVIF).
+    pub queue_size: usize,
+    /// `download_concurrency`: admitted renders that may fetch and hold their original while waiting.
+    pub staged: usize,
+    /// `avif_concurrency`: AVIF encodes at once.
+    pub avif_concurrency: usize,
+    /// `avif_queue_size`: AVIF renders waiting for an AVIF slot.
+    pub avif_queue_size: usize,
+    /// `max_memory_mb`, in bytes: what all renders may reserve at once.
+    pub memory_bytes: u64,
+    /// `render_timeout`: how long a render may run once it has its slot.
+    pub render_timeout: Duration,
+    /// `max_avif_output_pixels`.
+    pub max_avif_pixels: u64,
+}
+
+impl PoolConfig {
+    /// A pool of `concurrency` slots and otherwise default sizes (tests, benches).
+    pub fn with_concurrency(concurrency: usize) -> PoolConfig {
+        PoolConfig {
+            concurrency,
+            queue_size: 4 * concurrency,
+            staged: 16,
+            avif_concurrency: 1,
+            avif_queue_size: 4,
+            memory_bytes: 1 << 30,
+            render_timeout: Duration::from_secs(8),
+            max_avif_pixels: 2048 * 2048,
+        }
+    }
+}
+
+/// The memory budget is counted in KiB permits: a `u32` of them covers 4 TiB, and a KiB is far below
+/// any estimate's precision.
+const MEMORY_UNIT: u64 = 1024;
 
 /// The bounded processing pool.
 #[derive(Debug)]
@@ -116,13 +207,22 @@ pub struct Processor {
     /// see [`Processor::stage`].
     staging: Arc<Semaphore>,
     avif_permits: Arc<Semaphore>,
+    /// `max_memory_mb` in [`MEMORY_UNIT`] permits; see [`cost`].
+    memory: Arc<Semaphore>,
+    memory_units: u64,
     limits: DecodeLimits,
-    /// Renders admitted (running, waiting, or fetching their original); bounded by
-    /// `concurrency + queue_size`.
+    /// Renders admitted to the shared queue (running, waiting, or fetching their original); bounded
+    /// by `concurrency + queue_size`.
     admitted: Arc<AtomicUsize>,
     capacity: usize,
+    /// AVIF renders admitted to their own queue; bounded by `avif_concurrency + avif_queue_size`.
+    avif_admitted: Arc<AtomicUsize>,
+    avif_capacity: usize,
     concurrency: usize,
+    render_timeout: Duration,
+    max_avif_pixels: u64,
     total: AtomicU64,
+    abandoned: AtomicU64,
 }
 
 /// One admitted place in the pool's queue, taken before the original is fetched (so a request that
@@ -144,40 +244,51 @@ pub struct Staged {
 }
 
 impl Processor {
-    /// A pool of `concurrency` renders with `queue_size` waiting places, of which at most `staged`
-    /// fetch or hold their original at a time, and `avif_concurrency` concurrent AVIF encodes.
-    pub fn new(
-        concurrency: usize,
-        queue_size: usize,
-        staged: usize,
-        avif_concurrency: usize,
-        limits: DecodeLimits,
-    ) -> Processor {
-        let concurrency = concurrency.max(1);
+    /// A pool sized by `pool`, refusing originals beyond `limits`.
+    pub fn new(pool: PoolConfig, limits: DecodeLimits) -> Processor {
+        let concurrency = pool.concurrency.max(1);
+        let avif_concurrency = pool.avif_concurrency.max(1);
+        let memory_units = (pool.memory_bytes / MEMORY_UNIT).clamp(1, u64::from(u32::MAX));
         Processor {
             permits: Arc::new(Semaphore::new(concurrency)),
-            staging: Arc::new(Semaphore::new(staged.max(1))),
-            avif_permits: Arc::new(Semaphore::new(avif_concurrency.max(1))),
+            staging: Arc::new(Semaphore::new(pool.staged.max(1))),
+            avif_permits: Arc::new(Semaphore::new(avif_concurrency)),
+            memory: Arc::new(Semaphore::new(
+                usize::try_from(memory_units).unwrap_or(usize::MAX >> 4),
+            )),
+            memory_units,
             limits,
             admitted: Arc::new(AtomicUsize::new(0)),
-            capacity: concurrency + queue_size,
+            capacity: concurrency + pool.queue_size,
+            avif_admitted: Arc::new(AtomicUsize::new(0)),
+            avif_capacity: avif_concurrency + pool.avif_queue_size,
             concurrency,
+            render_timeout: pool.render_timeout,
+            max_avif_pixels: pool.max_avif_pixels,
             total: AtomicU64::new(0),
+            abandoned: AtomicU64::new(0),
         }
     }
 
     /// Renders `original` to `spec` on a blocking thread, waiting for a permit if the pool is busy and
     /// refusing at once when the queue is full. Dropping the future releases its place.
     pub async fn render(&self, original: Bytes, spec: RenderSpec) -> Result<Rendered, ImageError> {
-        let admission = self.admit()?;
-        self.render_admitted(admission, None, original, spec).await
+        let admission = self.admit(spec.format)?;
+        self.render_admitted(admission, None, original, spec, &|| true)
+            .await
     }
 
-    /// Takes a place in the queue now, or refuses at once when the pool and its queue are full.
-    pub fn admit(&self) -> Result<Admission, ImageError> {
-        let before = self.admitted.fetch_add(1, Ordering::AcqRel);
-        let admission = Admission(self.admitted.clone());
-        if before >= self.capacity {
+    /// Takes a place in the queue for `format` now (AVIF has its own), or refuses at once when the
+    /// pool and that queue are full.
+    pub fn admit(&self, format: Format) -> Result<Admission, ImageError> {
+        let (count, capacity) = if format == Format::Avif {
+            (&self.avif_admitted, self.avif_capacity)
+        } else {
+            (&self.admitted, self.capacity)
+        };
+        let before = count.fetch_add(1, Ordering::AcqRel);
+        let admission = Admission(count.clone());
+        if before >= capacity {
             return Err(ImageError::Overloaded);
         }
         Ok(admission)
@@ -199,17 +310,44 @@ impl Processor {
     }
 
     /// Renders with a place taken earlier by [`Processor::admit`], and the staging place its original
-    /// was fetched under, given back as soon as the pool has a slot. An AVIF render gives it back
-    /// before it waits for its own small pool instead: AVIF requests queued there must not hold every
-    /// staging place and so stall the other formats' downloads.
+    /// was fetched under.
+    ///
+    /// In order, each step before the next may make it wait or refuse:
+    /// 1. **inspect** the header and a JPEG's markers on a blocking thread, without a slot: a format
+    ///    we do not load, a header over the limits or too many scans is refused here, in milliseconds;
+    /// 2. **cost**: an AVIF output over `max_avif_output_pixels` is refused (406); the memory estimate
+    ///    ([`cost`]) over the whole `max_memory_mb` is refused (422);
+    /// 3. an AVIF render gives its staging place back and waits for the AVIF pool, so AVIF requests
+    ///    queued there cannot stall the other formats' downloads;
+    /// 4. **reserve** the estimate from the memory budget, waiting for it;
+    /// 5. wait for a **slot**, then give the staging place back; if by then nobody wants the result
+    ///    (`wanted` is false: every requester went away) it is dropped unstarted;
+    /// 6. **render** on a blocking thread, stopped at `render_timeout` ([`ImageError::Timeout`]).
+    ///
+    /// The slot and the reservation move into the blocking task: if the requester goes away after
+    /// the render started it still runs (to its deadline at most) and only then frees them, so the
+    /// pool and memory bounds stay true.
     pub async fn render_admitted(
         &self,
         admission: Admission,
         mut staged: Option<Staged>,
         original: Bytes,
         spec: RenderSpec,
+        wanted: &(dyn Fn() -> bool + Sync),
     ) -> Result<Rendered, ImageError> {
         let _admission = admission;
+        let limits = self.limits;
+        let inspection = {
+            let original = original.clone();
+            tokio::task::spawn_blocking(move || vips::inspect(&original, &limits))
+                .await
+                .map_err(|e| ImageError::Internal(format!("inspect task: {e}")))??
+        };
+        let cost = cost::estimate(&inspection, &spec, self.max_avif_pixels)?;
+        let units = cost.bytes.div_ceil(MEMORY_UNIT);
+        if units > self.memory_units {
+            return Err(ImageError::OverMemoryBudget);
+        }
         let _avif = if spec.format == Format::Avif {
             staged = None;
             Some(
@@ -222,6 +360,12 @@ impl Processor {
         } else {
             None
         };
+        let reserved = self
+            .memory
+            .clone()
+            .acquire_many_owned(u32::try_from(units).unwrap_or(u32::MAX))
+            .await
+            .map_err(|_| ImageError::Overloaded)?;
         let permit = self
             .permits
             .clone()
@@ -229,13 +373,15 @@ impl Processor {
             .await
             .map_err(|_| ImageError::Overloaded)?;
         drop(staged);
+        if !wanted() {
+            self.abandoned.fetch_add(1, Ordering::Relaxed);
+            return Err(ImageError::Abandoned);
+        }
         self.total.fetch_add(1, Ordering::Relaxed);
-        let limits = self.limits;
-        // The permit moves into the blocking task: if the client goes away the render still finishes
-        // (libvips cannot be interrupted) and only then frees its slot, so the pool bound stays true.
+        let deadline = Deadline::after(self.render_timeout);
         let handle = tokio::task::spawn_blocking(move || {
-            let _permit = permit;
-            vips::render(&original, &spec, &limits)
+            let _held = (permit, reserved);
+            vips::render_within(&original, &spec, &limits, &deadline)
         });
         handle
             .await
@@ -247,11 +393,21 @@ impl Processor {
         self.concurrency - self.permits.available_permits().min(self.concurrency)
     }
 
-    /// Renders admitted but waiting for a permit.
+    /// Renders admitted (to either queue) but not running.
     pub fn queue_depth(&self) -> usize {
-        self.admitted
-            .load(Ordering::Acquire)
+        (self.admitted.load(Ordering::Acquire) + self.avif_admitted.load(Ordering::Acquire))
             .saturating_sub(self.current())
+    }
+
+    /// Queued renders dropped unstarted because every requester had gone.
+    pub fn abandoned(&self) -> u64 {
+        self.abandoned.load(Ordering::Relaxed)
+    }
+
+    /// Bytes of the memory budget reserved by renders now.
+    pub fn memory_reserved(&self) -> u64 {
+        let free = u64::try_from(self.memory.available_permits()).unwrap_or(u64::MAX);
+        self.memory_units.saturating_sub(free) * MEMORY_UNIT
     }
 
     /// Renders started since start-up.
@@ -297,7 +453,12 @@ mod tests {
     #[tokio::test]
     async fn staging_places_bound_originals_waiting_for_the_pool() {
         vips::init(false).expect("libvips");
-        let p = Arc::new(Processor::new(1, 10, 2, 1, DecodeLimits::default()));
+        let pool = PoolConfig {
+            queue_size: 10,
+            staged: 2,
+            ..PoolConfig::with_concurrency(1)
+        };
+        let p = Arc::new(Processor::new(pool, DecodeLimits::default()));
         // The pool's only slot, taken by hand: renders queue behind it.
         let busy = p.permits.clone().acquire_owned().await.expect("slot");
         let a = p.stage().await.expect("first place");
@@ -307,9 +468,9 @@ mod tests {
         let original = Bytes::from(vips::fixtures::jpeg(64, 48, 85));
         let render = {
             let p = p.clone();
-            let admission = p.admit().expect("admitted");
+            let admission = p.admit(Format::Jpeg).expect("admitted");
             tokio::spawn(async move {
-                p.render_admitted(admission, Some(a), original, spec())
+                p.render_admitted(admission, Some(a), original, spec(), &|| true)
                     .await
             })
         };
@@ -331,7 +492,12 @@ mod tests {
     #[tokio::test]
     async fn avif_waiting_for_its_pool_gives_its_staging_place_back() {
         vips::init(false).expect("libvips");
-        let p = Arc::new(Processor::new(1, 10, 1, 1, DecodeLimits::default()));
+        let pool = PoolConfig {
+            queue_size: 10,
+            staged: 1,
+            ..PoolConfig::with_concurrency(1)
+        };
+        let p = Arc::new(Processor::new(pool, DecodeLimits::default()));
         let avif_busy = p
             .avif_permits
             .clone()
@@ -341,14 +507,14 @@ mod tests {
         let only = p.stage().await.expect("the only place");
         let render = {
             let p = p.clone();
-            let admission = p.admit().expect("admitted");
+            let admission = p.admit(Format::Avif).expect("admitted");
             let original = Bytes::from(vips::fixtures::jpeg(64, 48, 85));
             let avif = RenderSpec {
                 format: Format::Avif,
                 ..spec()
             };
             tokio::spawn(async move {
-                p.render_admitted(admission, Some(only), original, avif)
+                p.render_admitted(admission, Some(only), original, avif, &|| true)
                     .await
             })
         };

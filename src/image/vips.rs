@@ -51,10 +51,12 @@ use rs_vips::enums::{BandFormat, Interpretation};
 use rs_vips::voption::{Setter, VOption};
 use rs_vips::{Vips, VipsImage, VipsSource};
 
+use super::cost::Inspection;
 use super::geometry::{self, CropBox, Size};
 use super::jpeg::{self, JpegError};
+use super::markers;
 use super::resample::{self, Pixels, Window};
-use super::{DecodeLimits, Gravity, ImageError, RenderSpec, Rendered};
+use super::{Deadline, DecodeLimits, Gravity, ImageError, RenderSpec, Rendered};
 use crate::request::Format;
 
 /// Outputs larger than this many pixels, in a format whose encoder streams (JPEG, PNG), are encoded
@@ -343,6 +345,53 @@ pub fn probe(original: &[u8], limits: &DecodeLimits) -> Result<Header, ImageErro
     header_of(kind, &img)
 }
 
+/// Everything a render's cost depends on, read without decoding a pixel: the format (refused when
+/// we do not load it), a JPEG's markers (refused over `max_jpeg_scans`), the header (refused over the
+/// pixel and side limits), the EXIF orientation, bands and sample size. [`super::Processor`] calls it
+/// before the render takes a slot, so all of these refusals cost milliseconds and no slot.
+pub fn inspect(original: &[u8], limits: &DecodeLimits) -> Result<Inspection, ImageError> {
+    ensure_init()?;
+    let kind = sniff(original).ok_or(ImageError::UnsupportedFormat)?;
+    if !allowed(kind, limits) {
+        return Err(ImageError::UnsupportedFormat);
+    }
+    let jpeg = match kind {
+        Kind::Jpeg => Some(jpeg_markers(original, limits)?),
+        _ => None,
+    };
+    // SAFETY: `img` is dropped at the end of this function, before `original`.
+    let img = unsafe { load(kind, original, Reduce::None)? };
+    let header = header_of(kind, &img)?;
+    let stored = Size::new(header.width, header.height);
+    check_limits(stored, header.pages, limits)?;
+    Ok(Inspection {
+        format: header.format,
+        stored,
+        orientation: orientation_of(kind, &img),
+        bands: u32::try_from(img.get_bands()).unwrap_or(4).max(1),
+        sample_bytes: match img.get_format() {
+            Ok(BandFormat::Uchar | BandFormat::Char) => 1,
+            Ok(BandFormat::Ushort | BandFormat::Short) => 2,
+            _ => 4,
+        },
+        jpeg,
+    })
+}
+
+/// A JPEG's markers, refused with [`ImageError::TooManyScans`] over `max_jpeg_scans`.
+fn jpeg_markers(original: &[u8], limits: &DecodeLimits) -> Result<markers::Layout, ImageError> {
+    markers::walk(original, limits.max_jpeg_scans).map_err(|_| ImageError::TooManyScans)
+}
+
+/// The EXIF orientation to apply: libheif applies HEIF's own rotation (irot/imir) while decoding, so
+/// any EXIF orientation the container also carries must not be applied a second time.
+fn orientation_of(kind: Kind, img: &VipsImage) -> u8 {
+    match kind {
+        Kind::Heif => 1,
+        _ => u8::try_from(img.get_orientation()).unwrap_or(1),
+    }
+}
+
 fn check_limits(size: Size, pages: u32, limits: &DecodeLimits) -> Result<(), ImageError> {
     let pixels = size.pixels().saturating_mul(u64::from(pages));
     if size.width > limits.max_side || size.height > limits.max_side || pixels > limits.max_pixels {
@@ -363,7 +412,26 @@ pub fn render(
     spec: &RenderSpec,
     limits: &DecodeLimits,
 ) -> Result<Rendered, ImageError> {
-    render_with(original, spec, limits, JpegPixels::Direct)
+    render_with(
+        original,
+        spec,
+        limits,
+        JpegPixels::Direct,
+        &Deadline::none(),
+    )
+}
+
+/// [`render`], stopped with [`ImageError::Timeout`] once `deadline` has passed: the direct JPEG
+/// decode checks it from libjpeg's progress monitor, libvips' evaluation from its `eval` signal
+/// (see [`Watchdog`]). Encoders that cannot be interrupted (the AV1 encoder) run to their end; the
+/// AVIF output ceiling bounds them instead.
+pub fn render_within(
+    original: &[u8],
+    spec: &RenderSpec,
+    limits: &DecodeLimits,
+    deadline: &Deadline,
+) -> Result<Rendered, ImageError> {
+    render_with(original, spec, limits, JpegPixels::Direct, deadline)
 }
 
 /// Who decodes a JPEG's pixels on the in-memory resample path.
@@ -381,11 +449,17 @@ fn render_with(
     spec: &RenderSpec,
     limits: &DecodeLimits,
     jpeg_pixels: JpegPixels,
+    deadline: &Deadline,
 ) -> Result<Rendered, ImageError> {
     ensure_init()?;
     let kind = sniff(original).ok_or(ImageError::UnsupportedFormat)?;
     if !allowed(kind, limits) {
         return Err(ImageError::UnsupportedFormat);
+    }
+    // Every JPEG path (the direct decode and libvips' loader) is behind the scan limit, whoever
+    // calls; the processor has usually checked already, and the walk costs a memory scan.
+    if kind == Kind::Jpeg {
+        jpeg_markers(original, limits)?;
     }
     // SAFETY (this and the loads below): every image made in this function is dropped before it
     // returns, and `original` outlives the call; the result holds only owned bytes.
@@ -394,12 +468,7 @@ fn render_with(
     let stored = Size::new(header.width, header.height);
     check_limits(stored, header.pages, limits)?;
 
-    // libheif applies HEIF's own rotation (irot/imir) while decoding, so any EXIF orientation the
-    // container also carries must not be applied a second time.
-    let orientation = match kind {
-        Kind::Heif => 1,
-        _ => u8::try_from(opened.get_orientation()).unwrap_or(1),
-    };
+    let orientation = orientation_of(kind, &opened);
     let plan = geometry::plan(&spec.version, stored, orientation, spec.enlarge);
     check_limits(plan.resized, 1, limits)?;
     check_limits(plan.output, 1, limits)?;
@@ -453,8 +522,12 @@ fn render_with(
             {
                 // `decoded` was opened with `plan.shrink` (1 when it is `opened`).
                 resample_jpeg(
-                    original,
-                    plan.shrink,
+                    JpegSource {
+                        original,
+                        denom: plan.shrink,
+                        max_scans: limits.max_jpeg_scans,
+                        deadline,
+                    },
                     &decoded,
                     if rotate { orientation } else { 1 },
                     space,
@@ -467,7 +540,8 @@ fn render_with(
             let img = match direct {
                 Some(img) => img,
                 None => {
-                    let upright = upright_lazily(decoded, rotate, upright_size == plan.resized)?;
+                    let upright =
+                        upright_lazily(decoded, rotate, upright_size == plan.resized, deadline)?;
                     resample_upright(&upright, space, plan.resized, centre_crop)?
                 }
             };
@@ -481,7 +555,7 @@ fn render_with(
             // serve: pull the resized (small) image into memory first. Here the decode happens.
             let in_memory = rotate || smart;
             if in_memory {
-                img = img.copy_memory().map_err(undecodable)?;
+                img = evaluate(&img, deadline, VipsImage::copy_memory, undecodable)?;
             }
             if rotate {
                 img = img.autorot().map_err(internal)?;
@@ -523,15 +597,118 @@ fn render_with(
     let streams = matches!(spec.format, Format::Jpeg | Format::Png);
     let stream = !in_memory && streams && out.pixels() > STREAM_ABOVE_PIXELS;
     if !in_memory && !stream {
-        img = img.copy_memory().map_err(undecodable)?;
+        img = evaluate(&img, deadline, VipsImage::copy_memory, undecodable)?;
     }
-    let bytes = encode(&img, spec).map_err(if stream { undecodable } else { internal })?;
+    let bytes = evaluate(
+        &img,
+        deadline,
+        |img| encode(img, spec),
+        if stream { undecodable } else { internal },
+    )?;
     Ok(Rendered {
         bytes: Bytes::from(bytes),
         format: spec.format,
         width: out.width,
         height: out.height,
     })
+}
+
+/// Runs one libvips evaluation of `img` (`copy_memory` or an encoder), stopped once `deadline` has
+/// passed: [`EvalWatch`] kills it from libvips' `eval` signal, between two strips. A failure after
+/// the deadline is [`ImageError::Timeout`]; any other goes through `on_error`.
+fn evaluate<T>(
+    img: &VipsImage,
+    deadline: &Deadline,
+    run: impl FnOnce(&VipsImage) -> rs_vips::Result<T>,
+    on_error: fn(rs_vips::error::Error) -> ImageError,
+) -> Result<T, ImageError> {
+    if deadline.passed() {
+        return Err(ImageError::Timeout);
+    }
+    let watch = EvalWatch::start(img, deadline);
+    let result = run(img);
+    drop(watch);
+    result.map_err(|e| {
+        if deadline.passed() {
+            Vips::error_clear();
+            ImageError::Timeout
+        } else {
+            on_error(e)
+        }
+    })
+}
+
+/// The render deadline inside libvips: progress reporting on for `img`, and an `eval` handler that
+/// sets the kill flag of the image being evaluated once the deadline has passed.
+///
+/// libvips emits `eval` on the thread that runs the evaluation, once per finished strip, for the
+/// image progress was enabled on and every image made from it afterwards (an encoder's internal
+/// copies included). The sink checks the kill flag of the image it evaluates right after the signal,
+/// so the call fails within one strip of the deadline; that image is the sink's own and dies with
+/// the call, so no flag outlives it. What libvips cannot stop is a single long library call: the AV1
+/// and WebP encoders compress the whole frame in one call after the last strip (the AVIF output
+/// ceiling bounds those), and WebP and GIF decode a whole frame at once (the pixel limits bound
+/// those). The in-memory resample path decodes at most [`RESAMPLE_MAX_PIXELS`], in milliseconds.
+struct EvalWatch<'a> {
+    img: &'a VipsImage,
+    handler: std::os::raw::c_ulong,
+}
+
+impl<'a> EvalWatch<'a> {
+    fn start(img: &'a VipsImage, deadline: &'a Deadline) -> Option<EvalWatch<'a>> {
+        deadline.remaining()?;
+        type OnEval = unsafe extern "C" fn(
+            *mut bindings::VipsImage,
+            *mut bindings::VipsProgress,
+            bindings::gpointer,
+        );
+        let on_eval: OnEval = on_eval;
+        // SAFETY: `img` is live for the watch's lifetime. GObject calls the handler with the
+        // signal's real signature (image, progress, user data), which `on_eval` has; `GCallback` is
+        // the type-erased function pointer type GObject takes for every signature. `deadline`
+        // outlives the watch, and `Drop` disconnects the handler before either goes away.
+        let handler = unsafe {
+            let ptr = img.as_mut_ptr();
+            bindings::vips_image_set_progress(ptr, 1);
+            bindings::g_signal_connect_data(
+                ptr.cast(),
+                c"eval".as_ptr(),
+                Some(std::mem::transmute::<OnEval, unsafe extern "C" fn()>(
+                    on_eval,
+                )),
+                std::ptr::from_ref(deadline).cast_mut().cast(),
+                None,
+                0,
+            )
+        };
+        (handler != 0).then_some(EvalWatch { img, handler })
+    }
+}
+
+impl Drop for EvalWatch<'_> {
+    fn drop(&mut self) {
+        // SAFETY: the handler was connected to this live image by `start` and is disconnected once.
+        unsafe {
+            bindings::g_signal_handler_disconnect(self.img.as_mut_ptr().cast(), self.handler)
+        };
+    }
+}
+
+/// The `eval` handler of [`EvalWatch`]: kill the evaluated image once the deadline has passed.
+unsafe extern "C" fn on_eval(
+    _image: *mut bindings::VipsImage,
+    progress: *mut bindings::VipsProgress,
+    deadline: bindings::gpointer,
+) {
+    // SAFETY: `deadline` is the `&Deadline` `EvalWatch::start` connected with, alive until the
+    // handler is disconnected; `progress` is libvips' record for this evaluation, and its `im` the
+    // image being evaluated. Nothing here can unwind.
+    unsafe {
+        let deadline = &*deadline.cast::<Deadline>();
+        if deadline.passed() && !progress.is_null() && !(*progress).im.is_null() {
+            bindings::vips_image_set_kill((*progress).im, 1);
+        }
+    }
 }
 
 /// The longest side each encoder can write: WebP stores sides in 14 bits, JPEG and GIF in 16 (libjpeg
@@ -579,15 +756,19 @@ fn resample_space(img: &VipsImage) -> Option<&'static str> {
 /// The decoded image made upright for [`resample_upright`]. With `whole` (it already has the resized
 /// size, nothing to resample) it is decoded into memory here, where a decoder failure is the
 /// original's fault.
-fn upright_lazily(decoded: VipsImage, rotate: bool, whole: bool) -> Result<VipsImage, ImageError> {
+fn upright_lazily(
+    decoded: VipsImage,
+    rotate: bool,
+    whole: bool,
+    deadline: &Deadline,
+) -> Result<VipsImage, ImageError> {
     Ok(if whole {
         // Nothing to resample: decode into memory, then turn upright there, since the encoder reads
         // in strips that a rotated sequential decode could not serve.
-        let img = decoded.copy_memory().map_err(undecodable)?;
+        let img = evaluate(&decoded, deadline, VipsImage::copy_memory, undecodable)?;
         if rotate {
-            img.autorot()
-                .and_then(|i| i.copy_memory())
-                .map_err(internal)?
+            let turned = img.autorot().map_err(internal)?;
+            evaluate(&turned, deadline, VipsImage::copy_memory, internal)?
         } else {
             img
         }
@@ -643,9 +824,16 @@ fn resample_upright(
 /// stored otherwise (EXIF `orientation` 2–8), every pixel is decoded and turned upright in memory
 /// ([`resample::upright`]) first. `None`: a layout [`jpeg`] leaves to libvips' loader (CMYK, YCCK,
 /// unusual component counts).
-fn resample_jpeg(
-    original: &[u8],
+/// The JPEG [`resample_jpeg`] decodes: its bytes, the shrink, and when to stop.
+struct JpegSource<'a> {
+    original: &'a [u8],
     denom: u32,
+    max_scans: u32,
+    deadline: &'a Deadline,
+}
+
+fn resample_jpeg(
+    source: JpegSource<'_>,
     img: &VipsImage,
     orientation: u8,
     space: &str,
@@ -666,10 +854,20 @@ fn resample_jpeg(
         Some(w) if !turned => columns_for(w, out.width, stored.width),
         _ => (0, stored.width),
     };
-    let columns = match jpeg::decode(original, denom, stored, bands, left, width) {
+    let columns = match jpeg::decode_within(
+        source.original,
+        source.denom,
+        stored,
+        bands,
+        (left, width),
+        source.max_scans,
+        source.deadline,
+    ) {
         Ok(columns) => columns,
         Err(JpegError::Unsupported) => return Ok(None),
         Err(JpegError::Corrupt) => return Err(ImageError::Undecodable),
+        Err(JpegError::TooManyScans) => return Err(ImageError::TooManyScans),
+        Err(JpegError::Timeout) => return Err(ImageError::Timeout),
         Err(e @ JpegError::Mismatch) => return Err(ImageError::Internal(e.to_string())),
     };
     THREAD_DIRECT_JPEG.with(|c| c.set(c.get() + 1));
@@ -2317,11 +2515,23 @@ mod tests {
                 for format in [Format::Png, Format::Jpeg] {
                     let spec = spec(version, format);
                     let before = THREAD_DIRECT_JPEG.with(Cell::get);
-                    let direct = render_with(original, &spec, &limits(), JpegPixels::Direct)
-                        .expect("direct");
+                    let direct = render_with(
+                        original,
+                        &spec,
+                        &limits(),
+                        JpegPixels::Direct,
+                        &Deadline::none(),
+                    )
+                    .expect("direct");
                     let taken = THREAD_DIRECT_JPEG.with(Cell::get) - before;
-                    let libvips = render_with(original, &spec, &limits(), JpegPixels::Libvips)
-                        .expect("libvips");
+                    let libvips = render_with(
+                        original,
+                        &spec,
+                        &limits(),
+                        JpegPixels::Libvips,
+                        &Deadline::none(),
+                    )
+                    .expect("libvips");
                     assert_eq!(taken, 1, "{name} {version} {format:?}: direct decode taken");
                     assert_eq!(
                         (direct.width, direct.height),
@@ -2357,8 +2567,22 @@ mod tests {
                 },
             ] {
                 let spec = spec(version, Format::Jpeg);
-                let direct = render_with(short, &spec, &limits(), JpegPixels::Direct).map(|_| ());
-                let libvips = render_with(short, &spec, &limits(), JpegPixels::Libvips).map(|_| ());
+                let direct = render_with(
+                    short,
+                    &spec,
+                    &limits(),
+                    JpegPixels::Direct,
+                    &Deadline::none(),
+                )
+                .map(|_| ());
+                let libvips = render_with(
+                    short,
+                    &spec,
+                    &limits(),
+                    JpegPixels::Libvips,
+                    &Deadline::none(),
+                )
+                .map(|_| ());
                 assert_eq!(
                     direct,
                     Err(ImageError::Undecodable),

@@ -1,0 +1,457 @@
+//! Step 1 of the request flow: accepting connections on the image port and the status port.
+//!
+//! [`run`] takes already-bound listeners and a shutdown future, so `main`, the integration tests and
+//! the benches all start the same server (tests on port 0). HTTP/1 and HTTP/2 through hyper-util's
+//! auto builder; per connection the deadlines of [`connection`] (header read, keep-alive, send) and TCP
+//! keep-alive; per port a connection budget where idle connections make room for new ones, so slow
+//! or silent clients cannot hold the box or keep a health probe out; and a graceful stop: on shutdown `/ready` turns 503 at once, the image listener closes, in-flight requests
+//! get `shutdown_grace` to finish, and queued result-store writes are flushed; the status port keeps
+//! answering until then, so probes see the 503. A ticker re-sends the gauges every second.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::body::{Body as HttpBody, Frame, SizeHint};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto::Builder;
+use socket2::{SockRef, TcpKeepalive};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
+
+use crate::metrics as m;
+use crate::service::{App, Body};
+
+pub mod connection;
+
+use self::connection::{Activity, Deadlines, Room, Verdict, Watched};
+
+/// Which of the two ports a connection arrived on.
+#[derive(Clone, Copy)]
+enum Port {
+    Image,
+    Status,
+}
+
+/// Connections the status port holds at once (probes, scrapers, purge calls). At the budget the
+/// longest-idle one is closed for a new one, so idle sockets never keep a probe out.
+pub const STATUS_MAX_CONNECTIONS: usize = 64;
+
+/// File descriptors kept back from the open-files limit for everything but client connections:
+/// the listeners, origin and store connections, log files, libvips' temporaries.
+const RESERVED_FDS: u64 = 64;
+
+/// The request head (HTTP/1 read buffer) and the HTTP/2 header list, in bytes: nginx's
+/// `large_client_header_buffers` allows 4 × 8 KB; no image URL comes close.
+const MAX_HEADER_BYTES: usize = 32 * 1024;
+
+/// Headers per request (HTTP/1).
+const MAX_HEADERS: usize = 100;
+
+/// TCP keep-alive on accepted sockets: the kernel probes a silent peer after this long, so a client
+/// that vanished (power loss, a dropped NAT entry) does not hold its connection forever.
+const TCP_KEEPALIVE_IDLE: Duration = Duration::from_secs(60);
+const TCP_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+const TCP_KEEPALIVE_RETRIES: u32 = 5;
+
+/// How often the gauges are re-sent: statsd keeps a gauge's last value, so without a periodic set
+/// a gauge would stay at whatever it was when the last render or download ended.
+const GAUGE_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Publishes the gauges every [`GAUGE_INTERVAL`] until the server stops.
+async fn publish_gauges(app: Arc<App>, mut stop: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(GAUGE_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.changed() => break,
+            _ = tick.tick() => app.publish_gauges(),
+        }
+    }
+}
+
+/// Raises the open-files soft limit to the hard limit and returns the `max_connections` that fits
+/// in it, with the warning to log when that is less than configured. Each client connection is one
+/// descriptor; the status port's budget and [`RESERVED_FDS`] come off the top.
+pub fn fit_connections(max_connections: usize, extra_fds: u64) -> (usize, Option<String>) {
+    let limit = match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) => limit,
+        // No such limit on this platform: nothing to fit.
+        Err(_) => return (max_connections, None),
+    };
+    connections_within(max_connections, extra_fds, limit)
+}
+
+/// [`fit_connections`] for a known open-files limit.
+fn connections_within(
+    max_connections: usize,
+    extra_fds: u64,
+    limit: u64,
+) -> (usize, Option<String>) {
+    let overhead = RESERVED_FDS + STATUS_MAX_CONNECTIONS as u64 + extra_fds;
+    let room = usize::try_from(limit.saturating_sub(overhead))
+        .unwrap_or(usize::MAX)
+        .max(1);
+    if max_connections <= room {
+        return (max_connections, None);
+    }
+    let warning = format!(
+        "max_connections lowered from {max_connections} to {room}: the open-files limit is {limit} \
+         ({overhead} kept for the status port, origin and store connections); raise LimitNOFILE / ulimit -n"
+    );
+    (room, Some(warning))
+}
+
+/// Serves both ports until `shutdown` resolves, then stops gracefully. Returns when every connection
+/// has finished or `shutdown_grace` ran out, and the result-store writes were flushed.
+pub async fn run(
+    app: Arc<App>,
+    listener: TcpListener,
+    status_listener: Option<TcpListener>,
+    shutdown: impl Future<Output = ()> + Send,
+) -> std::io::Result<()> {
+    let grace = app.config.shutdown_grace;
+    let (stop_tx, stop_rx) = watch::channel(false);
+    // The status port has its own stop signal, its own connections and its own small budget: it
+    // keeps answering through the drain (so probes read 503 from `/ready` instead of a refused
+    // connection), and image traffic filling `max_connections` cannot starve probes.
+    let (status_stop_tx, status_stop_rx) = watch::channel(false);
+    let image_port = Arc::new(Slots::new(
+        app.config.max_connections,
+        app.rooms.image.clone(),
+    ));
+    let status_port = Arc::new(Slots::new(STATUS_MAX_CONNECTIONS, app.rooms.status.clone()));
+
+    let image = tokio::spawn(accept_loop(
+        app.clone(),
+        listener,
+        Port::Image,
+        stop_rx.clone(),
+        image_port.clone(),
+    ));
+    let status = status_listener.map(|l| {
+        tokio::spawn(accept_loop(
+            app.clone(),
+            l,
+            Port::Status,
+            status_stop_rx.clone(),
+            status_port.clone(),
+        ))
+    });
+    let gauges = tokio::spawn(publish_gauges(app.clone(), status_stop_rx.clone()));
+
+    shutdown.await;
+    tracing::info!("shutting down: refusing new work, finishing in-flight requests");
+    app.shutting_down.store(true, Ordering::Release);
+    let _ = stop_tx.send(true);
+    let _ = image.await;
+    if tokio::time::timeout(grace, image_port.drained())
+        .await
+        .is_err()
+    {
+        tracing::warn!("shutdown grace ran out with connections still open");
+    }
+    if let Some(remote) = app.pipeline.remote() {
+        if !remote.flush(Duration::from_secs(5)).await {
+            tracing::warn!(
+                pending = remote.pending(),
+                "result store writes still pending at exit"
+            );
+        }
+    }
+    let _ = status_stop_tx.send(true);
+    if let Some(s) = status {
+        let _ = s.await;
+    }
+    let _ = gauges.await;
+    // Status answers are instant; a probe connection still open is closed after its current request.
+    let _ = tokio::time::timeout(Duration::from_secs(1), status_port.drained()).await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// A port's connection budget: a permit per open connection, and the [`Room`] to evict from when
+/// none is left.
+struct Slots {
+    permits: Arc<Semaphore>,
+    capacity: u32,
+    room: Arc<Room>,
+}
+
+impl Slots {
+    fn new(capacity: usize, room: Arc<Room>) -> Slots {
+        let capacity = u32::try_from(capacity.max(1)).unwrap_or(u32::MAX >> 4);
+        Slots {
+            permits: Arc::new(Semaphore::new(capacity as usize)),
+            capacity,
+            room,
+        }
+    }
+
+    /// A place for one more connection: at once when there is one; otherwise the longest-idle
+    /// connection is told to close and its place taken when it has. With every connection busy this
+    /// waits, which is the port's back-pressure. `None` once stopping.
+    async fn take(&self, stop: &mut watch::Receiver<bool>) -> Option<OwnedSemaphorePermit> {
+        if let Ok(p) = self.permits.clone().try_acquire_owned() {
+            return Some(p);
+        }
+        self.room.evict_one();
+        tokio::select! {
+            _ = stop.changed() => None,
+            p = self.permits.clone().acquire_owned() => p.ok(),
+        }
+    }
+
+    /// Resolves when every connection has closed.
+    async fn drained(&self) {
+        let _ = self.permits.acquire_many(self.capacity).await;
+    }
+}
+
+async fn accept_loop(
+    app: Arc<App>,
+    listener: TcpListener,
+    port: Port,
+    mut stop: watch::Receiver<bool>,
+    slots: Arc<Slots>,
+) {
+    let config = &app.config;
+    let deadlines = Deadlines {
+        header_read: config.header_read_timeout,
+        keep_alive: config.keep_alive_timeout,
+        send: config.send_timeout,
+    };
+    let mut builder = Builder::new(TokioExecutor::new());
+    // hyper's own header timer is off: it also runs while a keep-alive connection waits for its next
+    // request, so it would close idle connections at `header_read_timeout`. `connection` keeps both.
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(None)
+        .max_headers(MAX_HEADERS)
+        .max_buf_size(MAX_HEADER_BYTES.max(8192))
+        .keep_alive(true);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(config.http2_max_concurrent_streams)
+        .max_header_list_size(MAX_HEADER_BYTES as u32)
+        .keep_alive_interval(config.send_timeout)
+        .keep_alive_timeout(config.send_timeout);
+    let builder = Arc::new(builder);
+    loop {
+        if *stop.borrow() {
+            break;
+        }
+        let Some(permit) = slots.take(&mut stop).await else {
+            break;
+        };
+        let (stream, _peer) = tokio::select! {
+            _ = stop.changed() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        tune(&stream);
+        let activity = Activity::new();
+        let seat = slots.room.enter(activity.clone());
+        tokio::spawn(serve_connection(
+            app.clone(),
+            builder.clone(),
+            stream,
+            port,
+            activity,
+            deadlines,
+            stop.clone(),
+            (permit, seat),
+        ));
+    }
+}
+
+/// `TCP_NODELAY` (responses are written whole, waiting for more would only add latency) and TCP
+/// keep-alive. Failures only cost those optimisations.
+fn tune(stream: &TcpStream) {
+    let _ = stream.set_nodelay(true);
+    let keepalive = TcpKeepalive::new()
+        .with_time(TCP_KEEPALIVE_IDLE)
+        .with_interval(TCP_KEEPALIVE_INTERVAL);
+    #[cfg(any(target_os = "linux", target_os = "android", target_os = "macos"))]
+    let keepalive = keepalive.with_retries(TCP_KEEPALIVE_RETRIES);
+    let _ = SockRef::from(stream).set_tcp_keepalive(&keepalive);
+}
+
+/// One connection, from accept to close: hyper serves it; this task closes it when
+/// [`Activity::verdict`] says so, and asks it to finish gracefully when the server stops.
+#[allow(clippy::too_many_arguments)]
+async fn serve_connection(
+    app: Arc<App>,
+    builder: Arc<Builder<TokioExecutor>>,
+    stream: TcpStream,
+    port: Port,
+    activity: Arc<Activity>,
+    deadlines: Deadlines,
+    mut stop: watch::Receiver<bool>,
+    held: (OwnedSemaphorePermit, connection::Seat),
+) {
+    let _held = held;
+    let in_service = activity.clone();
+    let service = service_fn(move |req| {
+        let app = app.clone();
+        in_service.begin();
+        let done = Done(in_service.clone());
+        async move {
+            let response = match port {
+                Port::Image => app.handle(req).await,
+                Port::Status => app.handle_status(req).await,
+            };
+            Ok::<_, std::convert::Infallible>(response.map(|body| Tracked { body, _done: done }))
+        }
+    });
+    let io = TokioIo::new(Watched::new(stream, activity.clone()));
+    let conn = builder.serve_connection(io, service);
+    let mut conn = std::pin::pin!(conn);
+    let mut stopping = *stop.borrow();
+    if stopping {
+        conn.as_mut().graceful_shutdown();
+    }
+    loop {
+        let until = match activity.verdict(&deadlines) {
+            Verdict::Close(reason) => {
+                m::incr_with(m::CONNECTION_CLOSED, reason.as_str());
+                // Dropping the connection closes the socket; a request in progress (only possible
+                // for a stalled write) is abandoned with it.
+                break;
+            }
+            Verdict::WaitUntil(at) => at,
+        };
+        tokio::select! {
+            _ = conn.as_mut() => break,
+            _ = tokio::time::sleep_until(until) => {}
+            _ = activity.changed() => {}
+            _ = stop.changed(), if !stopping => {
+                stopping = true;
+                conn.as_mut().graceful_shutdown();
+            }
+        }
+    }
+}
+
+/// Marks the request done when dropped: with the response body once hyper has sent it, or with the
+/// service future if the connection goes away first.
+struct Done(Arc<Activity>);
+
+impl Drop for Done {
+    fn drop(&mut self) {
+        self.0.end();
+    }
+}
+
+/// A response body that carries its request's [`Done`] marker.
+struct Tracked {
+    body: Body,
+    _done: Done,
+}
+
+impl HttpBody for Tracked {
+    type Data = <Body as HttpBody>::Data;
+    type Error = <Body as HttpBody>::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        std::pin::Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// A server started in the background (tests, benches, `make run` smoke checks).
+pub struct Running {
+    /// The image port's address.
+    pub addr: SocketAddr,
+    /// The status port's address.
+    pub status_addr: SocketAddr,
+    /// The shared app (caches, counters).
+    pub app: Arc<App>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl Running {
+    /// Asks the server to stop and waits for it.
+    pub async fn stop(mut self) -> std::io::Result<()> {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        (&mut self.task)
+            .await
+            .map_err(|e| std::io::Error::other(e.to_string()))?
+    }
+
+    /// Asks the server to stop without waiting.
+    pub fn signal_stop(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+/// Binds both ports from `app.config` (port 0 picks a free one) and serves in the background.
+pub async fn start(app: App) -> std::io::Result<Running> {
+    let app = Arc::new(app);
+    let listener = TcpListener::bind((app.config.listen_address, app.config.server_port)).await?;
+    let status = TcpListener::bind((app.config.status_address, app.config.status_port)).await?;
+    let addr = listener.local_addr()?;
+    let status_addr = status.local_addr()?;
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(run(app.clone(), listener, Some(status), async move {
+        let _ = rx.await;
+    }));
+    Ok(Running {
+        addr,
+        status_addr,
+        app,
+        stop: Some(tx),
+        task,
+    })
+}
+
+/// Resolves on SIGINT or SIGTERM (the server's graceful stop, and `warm`'s clean interruption).
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+}
