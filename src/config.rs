@@ -1885,6 +1885,15 @@ mod tests {
         assert_eq!(c.fetch_timeout, Duration::from_secs(5));
         assert_eq!(c.connect_timeout, Duration::from_secs(2));
         assert_eq!(c.header_read_timeout, Duration::from_secs(10));
+        assert_eq!(c.keep_alive_timeout, Duration::from_secs(75));
+        assert_eq!(c.send_timeout, Duration::from_secs(30));
+        assert_eq!(c.render_timeout, Duration::from_secs(8));
+        assert_eq!(c.status_address, c.listen_address);
+        assert_eq!(c.http2_max_concurrent_streams, 100);
+        assert_eq!(c.max_jpeg_scans, 100);
+        assert_eq!(c.max_avif_output_pixels, 2048 * 2048);
+        assert_eq!(c.max_memory_bytes, 1024 * MB);
+        assert_eq!(c.avif_queue_size, 4 * c.avif_concurrency);
         assert_eq!(c.store_timeout, Duration::from_secs(2));
         assert_eq!(c.shutdown_grace, Duration::from_secs(20));
         assert_eq!(c.max_connections, 10_000);
@@ -2170,6 +2179,15 @@ mod tests {
             ("header_read_timeout", "-5", "duration"),
             ("store_timeout", "25h", "at most"),
             ("shutdown_grace", "forever", "duration"),
+            ("keep_alive_timeout", "0", "greater than zero"),
+            ("send_timeout", "soon", "duration"),
+            ("render_timeout", "0s", "greater than zero"),
+            ("status_address", "localhost", "IP address"),
+            ("http2_max_concurrent_streams", "0", "between 1"),
+            ("max_jpeg_scans", "0", "between 1"),
+            ("max_avif_output_pixels", "0", "between 1"),
+            ("max_memory_mb", "1", "at least"),
+            ("avif_queue_size", "-1", "between 0"),
             ("statsd_host", "udp://stats", "host name"),
             ("statsd_host", "stats:8125", "host name"),
             ("statsd_port", "0", "between 1 and 65535"),

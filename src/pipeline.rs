@@ -82,6 +82,10 @@ pub struct PipelineStats {
     pub downloads_current: usize,
     /// Original downloads started since start-up.
     pub downloads_total: u64,
+    /// Queued renders dropped unstarted because every requester had gone.
+    pub abandoned: u64,
+    /// Bytes of `max_memory_mb` reserved by renders now.
+    pub memory_reserved: u64,
 }
 
 impl Pipeline {
@@ -300,6 +304,8 @@ impl Pipeline {
             queue_depth: p.queue_depth(),
             downloads_current: self.inner.downloads_current.load(Ordering::Relaxed),
             downloads_total: self.inner.downloads_total.load(Ordering::Relaxed),
+            abandoned: p.abandoned(),
+            memory_reserved: p.memory_reserved(),
         }
     }
 }

@@ -160,7 +160,7 @@ mod tests {
         let baseline = estimate(&jpeg(6000, 6000, false), &v, u64::MAX).expect("cost");
         let progressive = estimate(&jpeg(6000, 6000, true), &v, u64::MAX).expect("cost");
         let coefficients = progressive.bytes - baseline.bytes;
-        assert_eq!(coefficients, (750 * 750 + 2 * 375 * 375) * 4 * 128);
+        assert_eq!(coefficients, (750 * 750 + 2 * 375 * 375) * 128);
         assert!(coefficients > 100_000_000, "{coefficients}");
     }
 
@@ -193,12 +193,21 @@ mod tests {
         // The ceiling is on the output: a sideways EXIF orientation counts the turned size.
         let mut turned = jpeg(1000, 5000, false);
         turned.orientation = 6;
+        assert_eq!(
+            estimate(
+                &turned,
+                &spec(Version::Height(1000), Format::Avif),
+                2048 * 2048
+            ),
+            Err(ImageError::AvifTooLarge),
+            "1000x5000 stored, turned: h1000 is 5000x1000, 5 MP"
+        );
         let c = estimate(
             &turned,
-            &spec(Version::Height(1000), Format::Avif),
+            &spec(Version::Height(800), Format::Avif),
             2048 * 2048,
         )
-        .expect("5000x1000 turned, h1000 = 5000x1000");
-        assert_eq!(c.plan.output, Size::new(5000, 1000));
+        .expect("h800 is 4000x800, 3.2 MP");
+        assert_eq!(c.plan.output, Size::new(4000, 800));
     }
 }

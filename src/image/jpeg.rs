@@ -320,4 +320,37 @@ mod tests {
             Err(JpegError::Corrupt)
         );
     }
+
+    /// The progress monitor stops a decode at the first scan over the limit (the second line of
+    /// defence behind the marker walk) and once the deadline has passed.
+    #[test]
+    fn the_progress_monitor_enforces_the_scan_limit_and_the_deadline() {
+        let progressive = fixtures::jpeg_progressive(640, 480, 85);
+        let size = Size::new(80, 60);
+        let scans = crate::image::markers::walk(&progressive, u32::MAX)
+            .expect("walk")
+            .scans;
+        assert!(
+            scans > 3,
+            "libjpeg's default progression has several scans: {scans}"
+        );
+        let within = |max_scans, deadline: &Deadline| {
+            decode_within(&progressive, 8, size, 3, (0, 80), max_scans, deadline).map(|_| ())
+        };
+        assert_eq!(within(scans, &Deadline::none()), Ok(()));
+        assert_eq!(
+            within(scans - 1, &Deadline::none()),
+            Err(JpegError::TooManyScans)
+        );
+        // A deadline already passed stops it before libjpeg starts.
+        let passed = Deadline::after(std::time::Duration::ZERO);
+        assert_eq!(within(scans, &passed), Err(JpegError::Timeout));
+        // One that passes mid-decode: a full-scale decode of 12 MP takes far longer than 1 ms.
+        let big = fixtures::jpeg(4000, 3000, 90);
+        let deadline = Deadline::after(std::time::Duration::from_millis(1));
+        assert_eq!(
+            decode_within(&big, 1, Size::new(4000, 3000), 3, (0, 4000), 100, &deadline).map(|_| ()),
+            Err(JpegError::Timeout)
+        );
+    }
 }

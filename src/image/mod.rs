@@ -531,4 +531,61 @@ mod tests {
         let rendered = render.await.expect("task").expect("render");
         assert_eq!((rendered.format, rendered.width), (Format::Avif, 8));
     }
+
+    /// AVIF requests queue on their own: a full AVIF queue refuses AVIF only, and the shared queue
+    /// stays open to every other format.
+    #[test]
+    fn avif_has_its_own_queue() {
+        let pool = PoolConfig {
+            queue_size: 2,
+            avif_queue_size: 1,
+            ..PoolConfig::with_concurrency(1)
+        };
+        let p = Processor::new(pool, DecodeLimits::default());
+        // avif_concurrency 1 + avif_queue_size 1.
+        let a = p.admit(Format::Avif).expect("first AVIF");
+        let b = p.admit(Format::Avif).expect("second AVIF");
+        assert_eq!(
+            p.admit(Format::Avif).map(|_| ()),
+            Err(ImageError::Overloaded)
+        );
+        // concurrency 1 + queue_size 2, untouched by the AVIF waiters.
+        let jpegs: Vec<_> = (0..3)
+            .map(|_| p.admit(Format::Jpeg).expect("JPEG admitted"))
+            .collect();
+        assert_eq!(
+            p.admit(Format::Webp).map(|_| ()),
+            Err(ImageError::Overloaded)
+        );
+        assert_eq!(p.queue_depth(), 5);
+        drop((a, b, jpegs));
+        assert_eq!(p.queue_depth(), 0);
+    }
+
+    /// A render whose estimate exceeds the whole memory budget is refused before it takes a slot;
+    /// one within it reserves its estimate while it runs and gives it back.
+    #[tokio::test]
+    async fn the_memory_budget_refuses_what_can_never_fit() {
+        vips::init(false).expect("libvips");
+        let pool = PoolConfig {
+            memory_bytes: 4 << 20,
+            ..PoolConfig::with_concurrency(1)
+        };
+        let p = Processor::new(pool, DecodeLimits::default());
+        // 2000x2000 at full size: 12 MB of RGB alone.
+        let big = Bytes::from(vips::fixtures::jpeg(2000, 2000, 80));
+        let full = RenderSpec {
+            version: crate::request::Version::FullSize,
+            ..spec()
+        };
+        assert_eq!(
+            p.render(big.clone(), full).await.map(|_| ()),
+            Err(ImageError::OverMemoryBudget)
+        );
+        assert_eq!(p.total(), 0, "refused without a slot");
+        // w8 decodes at 1/8: 250x250, well within 4 MB.
+        let small = p.render(big, spec()).await.expect("fits");
+        assert_eq!(small.width, 8);
+        assert_eq!(p.memory_reserved(), 0, "the reservation is given back");
+    }
 }

@@ -2874,4 +2874,51 @@ mod tests {
         let mb = big.len() as f64 / 1e6;
         assert!((1.5..3.0).contains(&mb), "{mb} MB");
     }
+
+    /// libvips' own evaluation stops at the deadline: a full-size PNG of a 6 MP photo (libvips'
+    /// decode and encode, about a second) killed from its `eval` signal long before its end.
+    #[test]
+    fn libvips_evaluation_stops_at_the_deadline() {
+        init(false).expect("libvips init");
+        let photo = fixtures::jpeg(3000, 2000, 90);
+        let spec = spec(Version::FullSize, Format::Png);
+        let deadline = Deadline::after(std::time::Duration::from_millis(20));
+        let started = std::time::Instant::now();
+        assert_eq!(
+            render_within(&photo, &spec, &limits(), &deadline).map(|_| ()),
+            Err(ImageError::Timeout)
+        );
+        println!("stopped after {:?}", started.elapsed());
+        // The next render on this thread is not affected by the kill.
+        let ok = render(&photo, &spec, &limits()).expect("renders without a deadline");
+        assert_eq!((ok.width, ok.height), (3000, 2000));
+    }
+
+    /// The scan limit holds on every JPEG path: `inspect`, the direct decode and libvips' loader.
+    #[test]
+    fn the_scan_limit_applies_to_inspect_and_every_render_path() {
+        init(false).expect("libvips init");
+        let progressive = fixtures::jpeg_progressive(320, 240, 85);
+        let strict = DecodeLimits {
+            max_jpeg_scans: 2,
+            ..limits()
+        };
+        assert_eq!(
+            inspect(&progressive, &strict).map(|_| ()),
+            Err(ImageError::TooManyScans)
+        );
+        let inspected = inspect(&progressive, &limits()).expect("within the default limit");
+        let layout = inspected.jpeg.expect("JPEG layout");
+        assert!(layout.progressive && layout.scans > 2);
+        for pixels in [JpegPixels::Direct, JpegPixels::Libvips] {
+            for version in [Version::Width(40), Version::FullSize] {
+                let s = spec(version, Format::Jpeg);
+                assert_eq!(
+                    render_with(&progressive, &s, &strict, pixels, &Deadline::none()).map(|_| ()),
+                    Err(ImageError::TooManyScans),
+                    "{pixels:?} {version:?}"
+                );
+            }
+        }
+    }
 }

@@ -40,6 +40,9 @@ enum Port {
 /// longest-idle one is closed for a new one, so idle sockets never keep a probe out.
 pub const STATUS_MAX_CONNECTIONS: usize = 64;
 
+/// How often a full port looks again for an idle connection to close while it waits for a place.
+const EVICTION_RETRY: Duration = Duration::from_millis(50);
+
 /// File descriptors kept back from the open-files limit for everything but client connections:
 /// the listeners, origin and store connections, log files, libvips' temporaries.
 const RESERVED_FDS: u64 = 64;
@@ -195,13 +198,18 @@ impl Slots {
     /// connection is told to close and its place taken when it has. With every connection busy this
     /// waits, which is the port's back-pressure. `None` once stopping.
     async fn take(&self, stop: &mut watch::Receiver<bool>) -> Option<OwnedSemaphorePermit> {
-        if let Ok(p) = self.permits.clone().try_acquire_owned() {
-            return Some(p);
-        }
-        self.room.evict_one();
-        tokio::select! {
-            _ = stop.changed() => None,
-            p = self.permits.clone().acquire_owned() => p.ok(),
+        loop {
+            if let Ok(p) = self.permits.clone().try_acquire_owned() {
+                return Some(p);
+            }
+            self.room.evict_one();
+            // Until a place frees; busy connections that turn idle meanwhile are evicted on the
+            // next round.
+            tokio::select! {
+                _ = stop.changed() => return None,
+                p = self.permits.clone().acquire_owned() => return p.ok(),
+                _ = tokio::time::sleep(EVICTION_RETRY) => {}
+            }
         }
     }
 

@@ -324,41 +324,68 @@ async fn half_sent_request_is_dropped_after_header_read_timeout() {
 }
 
 #[tokio::test]
-async fn connections_beyond_max_connections_wait() {
+async fn a_full_port_closes_idle_connections_and_makes_new_ones_wait_for_busy_ones() {
     let origin = Origin::start().await;
     origin.put(ID, fixtures::jpeg(200, 100, 85));
+    origin.put("product/image/2", fixtures::jpeg(200, 100, 85));
+    origin.put("product/image/3", fixtures::jpeg(200, 100, 85));
     let server = support::start_with_origin(
         &origin,
-        &[("max_connections", "2"), ("header_read_timeout", "30s")],
+        &[("max_connections", "2"), ("header_read_timeout", "\"30s\"")],
     )
     .await;
-    // Two idle connections take both places.
-    let held1 = TcpStream::connect(server.addr).await.expect("connect");
-    let held2 = TcpStream::connect(server.addr).await.expect("connect");
-    tokio::time::sleep(Duration::from_millis(200)).await;
     let addr = server.addr;
-    let third = tokio::spawn(async move {
-        support::client()
-            .get(format!("http://{addr}/{ID}/w100.jpg"))
-            .send()
-            .await
-            .map(|r| r.status().as_u16())
-    });
-    tokio::time::sleep(Duration::from_millis(700)).await;
+    let fetch = move |path: String| {
+        tokio::spawn(async move {
+            support::client()
+                .get(format!("http://{addr}{path}"))
+                .send()
+                .await
+                .map(|r| r.status().as_u16())
+        })
+    };
+
+    // Two idle connections take both places; a third client is served anyway, and the idle
+    // connection that waited longest was closed for it.
+    let mut held1 = TcpStream::connect(server.addr).await.expect("connect");
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let _held2 = TcpStream::connect(server.addr).await.expect("connect");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let status = tokio::time::timeout(Duration::from_secs(10), fetch(format!("/{ID}/w100.jpg")))
+        .await
+        .expect("served despite the idle connections")
+        .expect("task")
+        .expect("request");
+    assert_eq!(status, 200);
+    let mut buf = [0u8; 16];
+    let closed = tokio::time::timeout(Duration::from_secs(5), held1.read(&mut buf))
+        .await
+        .expect("the oldest idle connection was closed");
+    assert!(matches!(closed, Ok(0) | Err(_)), "{closed:?}");
+
+    // Two requests in progress take both places: a third connection waits for one of them.
+    origin.set_delay(Duration::from_millis(1500));
+    let busy1 = fetch("/product/image/2/w100.jpg".to_owned());
+    let busy2 = fetch("/product/image/3/w100.jpg".to_owned());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    origin.set_delay(Duration::ZERO);
+    let third = fetch(format!("/{ID}/w120.jpg"));
+    tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(
         !third.is_finished(),
-        "the third connection was served past the cap"
+        "the third connection was served past the cap while both were busy"
     );
-    // Freeing a place lets it through: it waited, it was not refused.
-    drop(held1);
-    let status = tokio::time::timeout(Duration::from_secs(5), third)
+    // A place frees when a busy request ends: it waited, it was not refused.
+    for busy in [busy1, busy2] {
+        assert_eq!(busy.await.expect("task").expect("request"), 200);
+    }
+    let status = tokio::time::timeout(Duration::from_secs(10), third)
         .await
         .expect("served after a place freed")
         .expect("task")
         .expect("request");
     assert_eq!(status, 200);
-    drop(held2);
-    server.stop().await.expect("stops");
+    server.stop().await.expect("stop");
 }
 
 /// `processing.current` from the status page.
