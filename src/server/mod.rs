@@ -194,9 +194,9 @@ impl Slots {
         }
     }
 
-    /// A place for one more connection: at once when there is one; otherwise the longest-idle
+    /// A place for a connection just accepted: at once when there is one; otherwise the longest-idle
     /// connection is told to close and its place taken when it has. With every connection busy this
-    /// waits, which is the port's back-pressure. `None` once stopping.
+    /// waits (and so does the accept loop), which is the port's back-pressure. `None` once stopping.
     async fn take(&self, stop: &mut watch::Receiver<bool>) -> Option<OwnedSemaphorePermit> {
         loop {
             if let Ok(p) = self.permits.clone().try_acquire_owned() {
@@ -254,9 +254,6 @@ async fn accept_loop(
         if *stop.borrow() {
             break;
         }
-        let Some(permit) = slots.take(&mut stop).await else {
-            break;
-        };
         let (stream, _peer) = tokio::select! {
             _ = stop.changed() => break,
             accepted = listener.accept() => match accepted {
@@ -268,6 +265,11 @@ async fn accept_loop(
                     continue;
                 }
             },
+        };
+        // The place is taken once a connection is there, so a full port only closes an idle
+        // connection for a client that actually arrived.
+        let Some(permit) = slots.take(&mut stop).await else {
+            break;
         };
         tune(&stream);
         let activity = Activity::new();
