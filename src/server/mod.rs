@@ -259,8 +259,10 @@ async fn accept_loop(
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,
                 Err(e) => {
-                    // EMFILE and friends: back off instead of spinning.
+                    // EMFILE and friends: back off instead of spinning, and free a descriptor held
+                    // by an idle connection.
                     tracing::warn!(error = %e, "accept failed");
+                    slots.room.evict_one();
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
@@ -463,5 +465,24 @@ pub async fn shutdown_signal() {
     tokio::select! {
         _ = ctrl_c => {},
         _ = term => {},
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn max_connections_is_lowered_to_what_the_open_files_limit_holds() {
+        // Room to spare: kept as configured, no warning.
+        assert_eq!(connections_within(10_000, 20, 1 << 20), (10_000, None));
+        // Debian's default soft limit before it is raised: 1024 descriptors, minus the status port's
+        // 64, 64 reserved and 20 outbound.
+        let (fitted, warning) = connections_within(10_000, 20, 1024);
+        assert_eq!(fitted, 1024 - 64 - 64 - 20);
+        let warning = warning.expect("a warning");
+        assert!(warning.contains("10000") && warning.contains("876") && warning.contains("1024"));
+        // A limit below the overhead still leaves one connection, never zero.
+        assert_eq!(connections_within(100, 20, 10).0, 1);
     }
 }

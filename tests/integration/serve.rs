@@ -218,18 +218,27 @@ async fn missing_original_is_404_and_unreachable_origin_is_502_then_recovers() {
     assert_eq!(header(&resp, "cache-control"), "no-store");
     server.stop().await.expect("stops");
 
-    // An origin that refuses connections: 502; once it is back, the next request is served.
-    let closed = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = closed.local_addr().expect("addr");
-    drop(closed);
+    // An origin that refuses connections: 502; once it is back, the next request is served. The
+    // port stays bound (not listening, so connections are refused) until the origin listens on it:
+    // a port let go could be taken by another test's server in between.
+    let reserved =
+        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
+    let any: std::net::SocketAddr = "127.0.0.1:0".parse().expect("addr");
+    reserved.bind(&any.into()).expect("bind");
+    let addr = reserved
+        .local_addr()
+        .expect("addr")
+        .as_socket()
+        .expect("inet");
     let url = format!("http://{addr}");
     let server = support::start(support::config(&[("source_domain", url.as_str())])).await;
     let resp = get(&server, "/product/image/1/w100.jpg").await;
     assert_eq!(resp.status(), 502);
     assert_eq!(header(&resp, "cache-control"), "no-store");
-    let revived = Origin::start_on(addr).await;
+    reserved.listen(128).expect("listen");
+    reserved.set_nonblocking(true).expect("nonblocking");
+    let listener = tokio::net::TcpListener::from_std(reserved.into()).expect("listener");
+    let revived = Origin::start_with(listener);
     revived.put(ORIGINAL, fixtures::jpeg(400, 300, 80));
     let resp = get(&server, "/product/image/1/w100.jpg").await;
     assert_eq!(resp.status(), 200, "nothing about the failure was cached");

@@ -61,9 +61,8 @@ impl Origin {
         Origin::serve_on(listener)
     }
 
-    /// Starts an origin on a given (previously used) loopback address.
-    pub async fn start_on(addr: SocketAddr) -> Origin {
-        let listener = TcpListener::bind(addr).await.expect("rebind origin");
+    /// Starts an origin on a listener the caller has bound.
+    pub fn start_with(listener: TcpListener) -> Origin {
         Origin::serve_on(listener)
     }
 
