@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""The attackers of `scripts/bench.sh`'s "attack" row (standard library only, one asyncio loop).
+"""The attackers of `scripts/bench.sh`'s "attack" row (standard library only, asyncio).
 
 Runs until SIGTERM or SIGINT, then writes what it saw as JSON to OUT:
   * idle sockets: IDLE connections to the image port and STATUS_IDLE to the status port that send
@@ -12,26 +12,34 @@ Runs until SIGTERM or SIGINT, then writes what it saw as JSON to OUT:
     `{n}` in a template is the kind's request count 1, 2, ... (wrapping after IDS), and several
     templates of one kind take turns too (`decoder=/p/i/pb{n}/x.jpg,/p/i/gb{n}/x.jpg`: pb1, gb1,
     pb2, ...). A request gets HOSTILE_TIMEOUT seconds for its whole answer.
-  * /health on the status port every 100 ms on a fresh connection, 5 s timeout.
+  * /health on the status port every 100 ms on a fresh connection, 5 s timeout, from a child process
+    with its own event loop: in the attackers' loop, a wave of 2,000 reconnects (the server closing
+    idle sockets at its header deadline) stalled it for 200-600 ms, and those stalls landed in the
+    probes' latencies. The child exits by itself if this process dies.
 Sends are scheduled on absolute times (start + i / rate), so a slow answer never delays the next one.
 
-When every idle socket has connected once (or after 20 s, whichever is first), it starts the hostile
-requests and the health probes and then writes READY (a small JSON file): bench.sh waits for it.
+The probes start at once; when every idle socket has connected once (or after 20 s, whichever is
+first), the hostile requests start and READY (a small JSON file) is written: bench.sh waits for it.
 
 OUT holds wall-clock times (time.time(), comparable with `date +%s.%N`) so bench.py can keep the
 samples inside the wrk run's window:
-  health:  [[sent_at, ms, status], ...]        status: HTTP code, "timeout" (ms = 5000), "error:<...>"
+  health:  [[sent_at, ms, status], ...]        status: HTTP code, "timeout" (ms = 5000), "closed"
+                                               (closed without an answer), "error:<exception>"
   hostile: [[sent_at, kind, status, ms], ...]  status as above
+  idle:    [[t, open_image, open_status], ...] every 100 ms
+  idle_totals: connects, server_closes, connect_failures per port
+  cpu_s, wall_s: this process's and the prober's CPU (user + system) and its lifetime: the attackers
+               share the machine with the server
 At the stop no new request is sent, the idle sockets are closed and the requests under way are waited
 for (each has its timeout, so this takes at most HOSTILE_TIMEOUT + 1 s); one still unanswered after
 that stays "pending".
-  idle:    [[t, open_image, open_status], ...] every 100 ms
-  idle_totals: connects, server_closes, connect_failures per port
 """
 
 import argparse
 import asyncio
 import json
+import multiprocessing
+import os
 import resource
 import signal
 import sys
@@ -54,6 +62,8 @@ def raise_nofile(needed):
 
 def parse_status(data):
     # "HTTP/1.1 422 Unprocessable Entity\r\n..." -> 422
+    if not data:
+        return "closed"
     parts = data.split(b"\r\n", 1)[0].split(b" ", 2)
     if len(parts) >= 2 and parts[0].startswith(b"HTTP/") and parts[1].isdigit():
         return int(parts[1])
@@ -127,7 +137,38 @@ class Idle:
                 await asyncio.sleep(0.1)
 
 
-async def main(args):
+def prober_main(sport, out, stop, parent):
+    """The child process: /health every HEALTH_EVERY until `stop` is set or the parent is gone."""
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)  # the parent stops it through `stop`, after its own work
+    asyncio.run(prober(sport, out, stop, parent))
+
+
+async def prober(sport, out, stop, parent):
+    health, inflight = [], set()
+
+    async def probe():
+        entry = [time.time(), None, "pending"]
+        health.append(entry)
+        entry[2], entry[1] = await request(sport, "/health", HEALTH_TIMEOUT)
+        if entry[2] == "timeout":
+            entry[1] = HEALTH_TIMEOUT * 1000
+
+    start, i = time.monotonic(), 0
+    while not stop.is_set() and os.getppid() == parent:
+        task = asyncio.create_task(probe())
+        inflight.add(task)
+        task.add_done_callback(inflight.discard)
+        i += 1
+        await asyncio.sleep(max(0, start + i * HEALTH_EVERY - time.monotonic()))
+    if inflight:
+        await asyncio.wait(set(inflight), timeout=HEALTH_TIMEOUT + 1)
+    with open(out, "w") as f:
+        json.dump(health, f)
+
+
+async def main(args, prober_stop, prober_process):
+    born = time.monotonic()
     raise_nofile(args.idle + args.status_idle + int(args.rate * args.hostile_timeout) + 200)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -149,20 +190,13 @@ async def main(args):
             break
         await asyncio.sleep(0.05)
 
-    health, hostile, idle_samples = [], [], []
+    hostile, idle_samples = [], []
     inflight = set()
 
     def track(coro):
         task = asyncio.create_task(coro)
         inflight.add(task)
         task.add_done_callback(inflight.discard)
-
-    async def probe():
-        entry = [time.time(), None, "pending"]
-        health.append(entry)
-        entry[2], entry[1] = await request(args.sport, "/health", HEALTH_TIMEOUT)
-        if entry[2] == "timeout":
-            entry[1] = HEALTH_TIMEOUT * 1000
 
     async def attack(kind, path):
         entry = [time.time(), kind, "pending", None]
@@ -194,10 +228,7 @@ async def main(args):
     def sample_idle(_):
         idle_samples.append([time.time(), idle[0].open, idle[1].open])
 
-    loops = [
-        asyncio.create_task(schedule(HEALTH_EVERY, lambda _: track(probe()))),
-        asyncio.create_task(schedule(HEALTH_EVERY, sample_idle)),
-    ]
+    loops = [asyncio.create_task(schedule(HEALTH_EVERY, sample_idle))]
     if kinds and args.rate > 0:
         loops.append(asyncio.create_task(schedule(1 / args.rate, fire_hostile)))
 
@@ -205,14 +236,24 @@ async def main(args):
         json.dump({"idle_open": [i.open for i in idle], "idle_wanted": [i.count for i in idle]}, f)
 
     await stop.wait()
+    prober_stop.set()
     await asyncio.gather(*loops)
     for t in background:
         t.cancel()
     if inflight:
         # Each has its own timeout: this ends within hostile_timeout (bench.sh waits that long, + 5 s).
-        await asyncio.wait(set(inflight), timeout=max(args.hostile_timeout, HEALTH_TIMEOUT) + 1)
+        await asyncio.wait(set(inflight), timeout=args.hostile_timeout + 1)
     for t in list(inflight):
         t.cancel()  # (not expected) their entries stay "pending"
+    # The prober waits for its last probes too (5 s timeout each), at the same time as the above.
+    prober_process.join(HEALTH_TIMEOUT + 2)
+    try:
+        with open(args.out + ".health") as f:
+            health = json.load(f)
+        os.unlink(args.out + ".health")
+    except OSError as e:
+        print(f"attack.py: no /health results from the prober: {e}", file=sys.stderr)
+        health = []
     totals = {
         name: {
             "connects": i.connects,
@@ -231,6 +272,11 @@ async def main(args):
                 "hostile": hostile,
                 "idle": idle_samples,
                 "idle_totals": totals,
+                "cpu_s": sum(
+                    r.ru_utime + r.ru_stime
+                    for r in map(resource.getrusage, (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+                ),
+                "wall_s": time.monotonic() - born,
             },
             f,
         )
@@ -248,4 +294,12 @@ if __name__ == "__main__":
     p.add_argument("--kind", action="append", default=[], help="NAME=TEMPLATE[,TEMPLATE...]")
     p.add_argument("--ids", type=int, default=20000, help="{n} wraps after this")
     p.add_argument("--hostile-timeout", type=float, default=10, help="seconds per hostile request")
-    asyncio.run(main(p.parse_args()))
+    args = p.parse_args()
+    # Forked before any event loop exists (fork: its getppid() is this process, for the exit check).
+    context = multiprocessing.get_context("fork")
+    prober_stop = context.Event()
+    prober_process = context.Process(
+        target=prober_main, args=(args.sport, args.out + ".health", prober_stop, os.getpid())
+    )
+    prober_process.start()
+    asyncio.run(main(args, prober_stop, prober_process))

@@ -395,8 +395,9 @@ def attack_record(pairs):
     idle = [s for s in attack["idle"] if inside(s)]
     wanted = attack["idle_wanted"]
     if idle:
-        held = (f"idle sockets held (image+status, of {wanted[0]}+{wanted[1]}): min "
-                f"{min(s[1] for s in idle)}+{min(s[2] for s in idle)}")
+        mean = lambda k: sum(s[k] for s in idle) / len(idle)
+        held = (f"idle sockets open (image+status, of {wanted[0]}+{wanted[1]}): mean "
+                f"{mean(1):.0f}+{mean(2):.0f}, min {min(s[1] for s in idle)}+{min(s[2] for s in idle)}")
     else:
         held = "idle sockets: no sample"
     totals = attack["idle_totals"]
@@ -412,8 +413,9 @@ def attack_record(pairs):
         "p99_us": nearest_rank(hlat, 99) * 1000 if hlat else None,
         "all_answers": True,
         "note": (
-            f"answers by kind: {kinds}; {held}, closed by the server {closes} times "
-            f"(whole attack); req/s: all answers, non-2xx: refusals + no answer (10 s timeout)"
+            f"answers by kind: {kinds}; {held}, closed by the server {closes} times; "
+            f"attack.py used {attack['cpu_s']:.1f} CPU-s in {attack['wall_s']:.0f} s (these two: "
+            "whole attack); req/s: all answers, non-2xx: refusals + no answer (10 s timeout)"
         ),
     }
     for row in (valid, health, hostile):
