@@ -276,4 +276,34 @@ mod tests {
         // 800x600 in 16x16 MCUs: 50 x 38 MCUs; Y 100x76 blocks, Cb and Cr 50x38 each.
         assert_eq!(l.coefficient_bytes(), (100 * 76 + 2 * 50 * 38) * 128);
     }
+
+    proptest::proptest! {
+        /// Whatever the bytes, the walk ends without panicking, and never counts past the limit.
+        #[test]
+        fn any_bytes_are_walked_safely(tail in proptest::collection::vec(proptest::num::u8::ANY, 0..4096), max in 1u32..50) {
+            let mut data = vec![0xFF, 0xD8];
+            data.extend_from_slice(&tail);
+            if let Ok(layout) = walk(&data, max) {
+                proptest::prop_assert!(layout.scans <= max);
+            }
+        }
+
+        /// Scans separated by arbitrary entropy-coded data (0xFF always stuffed or a restart
+        /// marker, as an encoder writes it) are counted exactly.
+        #[test]
+        fn scans_are_counted_exactly(
+            scans in 1usize..40,
+            entropy in proptest::collection::vec(proptest::num::u8::ANY, 0..256),
+        ) {
+            let mut coded = Vec::new();
+            for (i, b) in entropy.iter().enumerate() {
+                coded.push(*b);
+                if *b == 0xFF {
+                    coded.push(if i % 2 == 0 { 0x00 } else { 0xD0 + (i % 8) as u8 });
+                }
+            }
+            let data = shaped(0xC2, scans, &coded);
+            proptest::prop_assert_eq!(walk(&data, 1000).map(|l| l.scans), Ok(scans as u32));
+        }
+    }
 }

@@ -467,3 +467,105 @@ async fn refusals_are_never_stored_by_a_cdn_and_negotiated_errors_vary_on_accept
     assert_eq!(support::header(&resp, "vary"), "");
     server.stop().await.expect("stop");
 }
+
+/// A stream that stops reading and writing for good once `frozen` is set: a peer that vanished
+/// without closing (power loss, a dropped NAT entry).
+struct Freezable {
+    inner: TcpStream,
+    frozen: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Freezable {
+    fn frozen(&self) -> bool {
+        self.frozen.load(std::sync::atomic::Ordering::Acquire)
+    }
+}
+
+impl tokio::io::AsyncRead for Freezable {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        if self.frozen() {
+            return std::task::Poll::Pending;
+        }
+        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for Freezable {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        if self.frozen() {
+            return std::task::Poll::Pending;
+        }
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        if self.frozen() {
+            return std::task::Poll::Pending;
+        }
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[tokio::test]
+async fn an_http2_peer_that_stops_answering_pings_is_closed() {
+    let origin = Origin::start().await;
+    // Idle connections would only be closed after a minute: only the unanswered ping can close
+    // this one within the test.
+    let server = support::start_with_origin(
+        &origin,
+        &[
+            ("send_timeout", "\"1s\""),
+            ("keep_alive_timeout", "\"60s\""),
+            ("header_read_timeout", "\"60s\""),
+        ],
+    )
+    .await;
+    let frozen = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stream = Freezable {
+        inner: TcpStream::connect(server.status_addr)
+            .await
+            .expect("connect"),
+        frozen: frozen.clone(),
+    };
+    let (client, connection) = h2::client::handshake(stream).await.expect("h2 handshake");
+    let driver = tokio::spawn(connection);
+    let mut client = client.ready().await.expect("ready");
+    let request = http::Request::get(format!("http://{}/health", server.status_addr))
+        .body(())
+        .expect("request");
+    let (response, _) = client.send_request(request, true).expect("send");
+    let response = response.await.expect("response");
+    assert_eq!(response.status(), 200);
+    assert_eq!(server.app.rooms.status.len(), 1);
+
+    frozen.store(true, std::sync::atomic::Ordering::Release);
+    let start = Instant::now();
+    while server.app.rooms.status.len() > 0 {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "the silent HTTP/2 peer was never closed"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    println!("closed {:?} after the peer went silent", start.elapsed());
+    driver.abort();
+    server.stop().await.expect("stop");
+}
