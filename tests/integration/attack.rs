@@ -558,7 +558,7 @@ async fn an_http2_peer_that_stops_answering_pings_is_closed() {
 
     frozen.store(true, std::sync::atomic::Ordering::Release);
     let start = Instant::now();
-    while server.app.rooms.status.len() > 0 {
+    while !server.app.rooms.status.is_empty() {
         assert!(
             start.elapsed() < Duration::from_secs(20),
             "the silent HTTP/2 peer was never closed"
