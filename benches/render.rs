@@ -1,6 +1,6 @@
 //! Benchmarks step 3c of the request flow, the libvips render, in isolation (no pool, no runtime).
 //!
-//! The workload is the one PLATFORM.md measures and the issue targets: a 3000×2000, quality-90, grainy
+//! The workload is the one `make bench` measures (docs/performance.md): a 3000×2000, quality-90, grainy
 //! (~2 MB) JPEG rendered to a q80 JPEG, once as a fit (`w300`, 300×200, also what "fit into 300×400"
 //! gives for a landscape original) and once as a cover crop (`300x400`). The floor to compare against is
 //! the decode alone, `djpeg -scale 1/8` (fit) and `-scale 1/4` (cover) on the same file; the target is

@@ -5,7 +5,7 @@ Subcommands (bench.sh calls them; each prints plain text on stdout):
   ports N                       N free loopback TCP ports, space-separated
   bombs DIR                     writes DIR/png-bomb (IHDR claims 100000x100000, valid CRCs) and
                                 DIR/gif-bomb (1x1 frame at offset 60000,60000), the two decoder bombs
-                                PLATFORM.md measured (7.7 s / 14.3 GB when decoded blindly)
+                                libvips 8.14.1 costs (7.7 s / 14.3 GB when decoded blindly)
   scanbomb OUT COPIES           writes OUT, a JPEG scan bomb: flat grey 6000x6000 encoded by cjpeg as a
                                 progressive JPEG (one DC scan, one full AC scan per component), then its
                                 last AC scan (SOS header and entropy-coded data) repeated COPIES times

@@ -3,7 +3,7 @@
 #
 # Builds target/release/image-server, generates grainy q90 JPEG originals with the vips CLI (the same
 # recipe as the `photo` fixture in src/image/vips.rs, so these numbers line up with `make bench-micro`
-# and PLATFORM.md), and runs each workload against a freshly started server (so peak RSS is per
+# and docs/performance.md), and runs each workload against a freshly started server (so peak RSS is per
 # workload) whose originals are a temporary directory (`source_store = "file://…"`):
 #
 #   W1 fit      3000x2000 q90 -> w300-q80.jpg (300x200), 8 and 32 connections
@@ -399,7 +399,7 @@ render_workload "W1 fit" 8 "$p" /w300-q80.jpg "$fit" "${nocache[@]}" "${bigqueue
 render_workload "W1 fit" 32 "$p" /w300-q80.jpg "$fit" "${nocache[@]}" "${bigqueue[@]}"
 render_workload "W1 fit, default queue_size" 32 "$p" /w300-q80.jpg "$fit" "${nocache[@]}"
 render_workload "W2 cover" 8 "$p" /300x400-q80.jpg "$cover" "${nocache[@]}" "${bigqueue[@]}"
-# SPEC §3 makes JPEG output progressive by default; these rows show what that costs next to W1 and W2.
+# JPEG output is progressive by default; these rows show what that costs next to W1 and W2.
 baseline=(--set progressive_jpeg=false)
 render_workload "W1 fit, progressive_jpeg=false" 8 "$p" /w300-q80.jpg "$fit" \
     "${nocache[@]}" "${bigqueue[@]}" "${baseline[@]}"

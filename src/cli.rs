@@ -1,4 +1,4 @@
-//! The command line (SPEC §11): `image-server [serve] | check-config | warm | purge`.
+//! The command line (docs/operations.md): `image-server [serve] | check-config | warm | purge`.
 //!
 //! Parsed once in `main`, before anything else. [`GlobalOpts`] are accepted by every command
 //! (clap `global = true`) because every command reads the same configuration: they choose the

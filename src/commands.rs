@@ -1,4 +1,4 @@
-//! Operator commands beside the request path (SPEC §11): `warm` renders versions of many ids into the
+//! Operator commands beside the request path (docs/operations.md): `warm` renders versions of many ids into the
 //! result store through the same pipeline as a request; `purge` deletes an id's stored variants and
 //! tells running servers to drop their memory entries.
 //!

@@ -1,6 +1,6 @@
 //! Configuration: raw values from files, environment and flags become one validated [`Config`].
 //!
-//! Precedence (SPEC §10): built-in defaults (`config/default.toml`, embedded) < `config/{env}.toml`
+//! Precedence (docs/configuration.md): built-in defaults (`config/default.toml`, embedded) < `config/{env}.toml`
 //! (or the seed's `.json`) chosen by `-e/--environment`, or `--config FILE` < `IMAGE_SERVER_{KEY}`
 //! environment variables < command-line flags. Nothing else in the crate reads files or the
 //! environment for settings; sizes and durations are parsed here, once.
@@ -144,7 +144,7 @@ pub struct Config {
     pub log_level: String,
 }
 
-/// S3-compatible store options (SPEC §4).
+/// S3-compatible store options.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct S3Config {
     /// `s3_endpoint`; path-style requests when set.

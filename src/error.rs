@@ -44,7 +44,7 @@ pub enum Error {
 }
 
 impl Error {
-    /// The HTTP status for this failure (SPEC §2). Pinned by the table test below.
+    /// The HTTP status for this failure (docs/urls.md lists them). Pinned by the table test below.
     pub fn status(&self) -> StatusCode {
         use ImageError as I;
         use RequestError as R;

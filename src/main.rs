@@ -32,7 +32,7 @@ fn main() -> ExitCode {
     }
     init_tracing(&config);
     limit_malloc_arenas();
-    // libvips is initialised once, before the runtime starts any thread (PLATFORM.md).
+    // libvips is initialised once, before the runtime starts any thread (libvips' own requirement: `vips_init` is not thread-safe).
     if let Err(e) = vips::init(config.accept_avif_input) {
         eprintln!("image-server: libvips failed to start: {e}");
         return ExitCode::from(1);

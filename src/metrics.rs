@@ -1,5 +1,5 @@
 //! The last step of the request flow: counting. Every metric name is a constant here, with a one-line
-//! description, so dashboards can rely on them (SPEC §6).
+//! description, so dashboards can rely on them (docs/operations.md).
 //!
 //! One `metrics` recorder fans out to statsd (UDP, Graphite-style names under `statsd_prefix`, the
 //! seed's dashboard names) and to a Prometheus registry rendered on the status port's `/metrics`.
@@ -149,7 +149,7 @@ pub fn install(statsd: Option<StatsdTarget>) -> PrometheusHandle {
     let mut fanout = FanoutBuilder::default().add_recorder(prometheus);
     if let Some(target) = statsd {
         // Buffer size 0: the exporter has no timed flush, so a buffered lone counter might never leave
-        // (PLATFORM.md). histogram_is_timer: Etsy statsd has no histogram type, timers are `|ms`.
+        // (its default 256-byte buffer has no timed flush). histogram_is_timer: Etsy statsd has no histogram type, timers are `|ms`.
         match metrics_exporter_statsd::StatsdBuilder::from(target.host.clone(), target.port)
             .with_buffer_size(0)
             .with_queue_size(4096)

@@ -131,7 +131,7 @@ impl Pipeline {
     }
 
     /// Like [`Pipeline::serve`], with the original taken from a checked `?source=` URL when `source`
-    /// is given (SPEC §9). Such a request has caches of its own: the result key carries the URL's
+    /// is given (docs/urls.md). Such a request has caches of its own: the result key carries the URL's
     /// digest, the originals cache is keyed by the URL and the negative entry by both, so it never
     /// answers for, nor is answered by, the id's own original.
     pub async fn serve_from(

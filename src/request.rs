@@ -1,13 +1,13 @@
 //! Step 2 of the request flow: the pure URL parser.
 //!
-//! Owns the grammar `/{model}/{type}/{id}/{version}[-q{Q}].{ext}` (SPEC §1), the rules that refuse a
+//! Owns the grammar `/{model}/{type}/{id}/{version}[-q{Q}].{ext}` (docs/urls.md), the rules that refuse a
 //! name before any I/O (404 / 400 / 406), and the canonical name that equivalent URLs share
 //! (`x300` ≡ `300x300`, `jpeg` ≡ `jpg`, `-q{default}` ≡ no `-q`). No I/O, no allocation beyond the
 //! parsed parts; property-tested below.
 
 use std::fmt;
 
-/// Largest number accepted in a version or quality (five digits, SPEC §1).
+/// Largest number accepted in a version or quality (five digits).
 pub const MAX_NUMBER: u32 = 99_999;
 
 /// An output format, picked by the URL's extension.
@@ -166,7 +166,7 @@ pub struct Rules {
     pub allowed_sizes: Option<Vec<String>>,
 }
 
-/// Default quality per lossy format (SPEC §3).
+/// Default quality per lossy format.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct DefaultQuality {
     /// JPEG (`default_quality`, seed default 75).
@@ -439,7 +439,7 @@ fn is_digits(s: &str) -> bool {
     !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit())
 }
 
-/// Tries the version forms in SPEC order: `{W}x{H}`, `x{N}`, `w{N}`, `h{N}`, `full_size`.
+/// Tries the version forms in the grammar's order: `{W}x{H}`, `x{N}`, `w{N}`, `h{N}`, `full_size`.
 fn parse_version(s: &str) -> Result<Version, RequestError> {
     if let Some((w, h)) = s.split_once('x') {
         if is_digits(w) && is_digits(h) {

@@ -1,7 +1,7 @@
 //! Steps 2 and 4 of the request flow: routing, and turning a result or an [`Error`] into a response.
 //!
 //! This is the one place that records per-request metrics and writes the per-request log line. Image
-//! responses carry the validators and cache headers CDNs rely on (SPEC §2); errors carry a fixed
+//! responses carry the validators and cache headers CDNs rely on (docs/urls.md); errors carry a fixed
 //! plain-text line and a Cache-Control that never lets a CDN keep a 5xx. The status port's routes
 //! (`/`, `/health`, `/ready`, `/metrics`, `POST /purge/…`) live here too.
 
@@ -141,7 +141,7 @@ impl App {
             Ok((response, tier)) => (response, Some(tier), None),
             Err(err) => {
                 m::incr_with(m::REJECTED, err.kind());
-                // The cause chain, once, at the boundary (STYLE rule 3). 4xx causes are the client's
+                // The cause chain, once, at the boundary (one place logs it). 4xx causes are the client's
                 // or the original's and their kind on the request line below says all there is.
                 if err.status().is_server_error() {
                     tracing::warn!(error = %err, kind = err.kind(), "request failed");
@@ -161,7 +161,7 @@ impl App {
                 .insert(header::VARY, HeaderValue::from_static("Accept"));
         }
         let status = response.status();
-        // Decided by the status actually sent (SPEC §6 "answered with an error status"), so a
+        // Decided by the status actually sent (`image_request_fail`: "answered with an error status"), so a
         // response that failed to build and became a 500 counts too, and a 304 never does.
         if status.as_u16() >= 400 {
             m::incr(m::IMAGE_REQUEST_FAIL);
@@ -218,7 +218,7 @@ impl App {
         ))
     }
 
-    /// `?source=` (SPEC §9): `None` when absent; 403 when overrides are off, the parameter is repeated,
+    /// `?source=` (docs/urls.md): `None` when absent; 403 when overrides are off, the parameter is repeated,
     /// or the URL breaks the guard's rules (the rest are enforced while fetching).
     fn source_override(&self, query: Option<&str>) -> Result<Option<SourceUrl>, Error> {
         let values = crate::request::query_values(query, "source");
@@ -271,7 +271,7 @@ impl App {
     ) -> Response<Body> {
         let v = &served.variant;
         // Built on the map directly with typed names and values: the builder re-parses every name
-        // and value, and this runs on every memory hit (SPEC §7 lists the headers).
+        // and value, and this runs on every memory hit (docs/urls.md lists the headers).
         let mut map = HeaderMap::with_capacity(16);
         map.insert(header::ETAG, v.etag_header.clone());
         map.insert(header::LAST_MODIFIED, v.last_modified_header.clone());

@@ -1,7 +1,7 @@
 //! Step 2 of the request flow, when `url_signing_key` is set: every image URL must carry a signature
 //! made with the key, so only whoever holds it (the application writing the `<img>` tags) can mint
 //! URLs, and nobody else can make the server render arbitrary sizes or fetch arbitrary sources
-//! (SPEC §9). Checked after the path parsed and before any cache or I/O; failure is
+//! (docs/urls.md). Checked after the path parsed and before any cache or I/O; failure is
 //! [`Error::BadSignature`] → 403 (`rejected.signature`).
 //!
 //! What is signed, exactly:

@@ -1,7 +1,7 @@
 //! Fuzz target for step 2 of the request flow: everything that reads the request line before any I/O
 //! (the URL grammar, the query parser, the signature check, the `?source=` rules). None may panic, and
 //! a parsed request's canonical key must parse back to the same request (equivalent URLs share one
-//! cache entry, SPEC §1).
+//! cache entry, docs/urls.md).
 #![no_main]
 
 use image_server::request::{query_values, ImageRequest, Rules};

@@ -3,7 +3,7 @@
 //! Holds encoded variants keyed by the canonical [`CacheKey`], weighed by their bytes
 //! (`memory_cache_mb`); a variant over `memory_cache_max_entry_kb` is answered but not kept. Concurrent
 //! misses on one key share one load (moka's `try_get_with`), and the load runs in its own task so a
-//! leading client that disconnects does not cancel it for the others (PLATFORM.md, moka). Failed loads
+//! leading client that disconnects does not cancel it for the others (moka's behaviour: a cancelled leader's waiter would run the loader again). Failed loads
 //! are shared with the waiters but never stored. Also holds the negative entries for missing originals
 //! (`not_found_ttl`): the one failure that is cached.
 

@@ -1,5 +1,5 @@
 //! Step 3b (read) and the last step after answering (write): the remote result store shared by every
-//! instance (SPEC §5.2), through `object_store` (S3-compatible, GCS, Azure, local directory, memory).
+//! instance (docs/operations.md), through `object_store` (S3-compatible, GCS, Azure, local directory, memory).
 //!
 //! Objects live at `{prefix}/{model}/{type}/{id}/{canonical}` with Content-Type, Cache-Control and the
 //! generation time set on them where the backend supports attributes. Reads are bounded by

@@ -3,7 +3,7 @@
 //! [`super::vips`] reads an original's header, then asks this module what to do with it: how far the
 //! decoder may shrink on load ([`Plan::shrink`]), what size the resize must reach ([`Plan::resized`]),
 //! where the crop window sits ([`Plan::crop`]) and what comes out ([`Plan::output`]), for every
-//! [`Version`] form (SPEC §1, §3). Keeping it free of FFI lets proptest check the invariants below on
+//! [`Version`] form (docs/urls.md). Keeping it free of FFI lets proptest check the invariants below on
 //! millions of sizes in a second:
 //!
 //! - every output side is at least 1;

@@ -8,7 +8,7 @@
  * standard way out is longjmp back to a setjmp in the caller, and a longjmp must never cross Rust
  * frames. Every libjpeg call happens between the setjmp below and the return.
  *
- * Warnings count as errors, like libvips' fail_on=warning (SPEC: truncated or damaged data is an
+ * Warnings count as errors, like libvips' fail_on=warning (truncated or damaged data is an
  * error, never a grey image): libjpeg warns, and carries on with made-up data, on a premature end of
  * data or corrupt entropy-coded segments.
  */

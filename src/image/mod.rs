@@ -1,6 +1,6 @@
 //! Step 3c of the request flow: rendering, off the async runtime.
 //!
-//! Owns the bounded processing pool (SPEC §8): at most `processing_concurrency` renders run at once on
+//! Owns the bounded processing pool (docs/architecture.md): at most `processing_concurrency` renders run at once on
 //! tokio's blocking threads, at most `queue_size` more wait, and beyond that a request is refused with
 //! [`ImageError::Overloaded`] (503) instead of queueing without bound; of those waiting, at most
 //! `download_concurrency` fetch and hold their original ([`Processor::stage`]). AVIF encodes also take a
@@ -57,7 +57,7 @@ pub struct RenderSpec {
     pub avif_effort: u8,
 }
 
-/// Limits checked on the header, before any pixel is decoded (SPEC §9).
+/// Limits checked on the header, before any pixel is decoded.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct DecodeLimits {
     /// `max_source_pixels`: width × height (× frames for animations).

@@ -9,7 +9,7 @@
 //!    allow-list, set up in [`init`], is the second line of defence.
 //! 2. **Header**: open the original lazily (no pixels decoded), read width, height, pages and EXIF
 //!    orientation, refuse with [`ImageError::SourceTooLarge`] over `max_source_pixels`/`max_source_side`
-//!    (SPEC §9). Only then is [`decodes_started`] incremented.
+//!    (docs/operations.md). Only then is [`decodes_started`] incremented.
 //! 3. **Decode once**, reading the original in place (a memory `VipsSource`, no copy), shrinking on
 //!    load (JPEG `shrink` 1/2/4/8, WebP `scale`), sequential access, `fail_on = warning` so a truncated
 //!    file is an error rather than a grey image; first frame only (`n = 1`).
@@ -28,7 +28,7 @@
 //!    background for JPEG only.
 //! 6. **Strip** every metadata field by hand as well as asking the encoder to, then **encode** once.
 //!    libvips 8.14.1 `webpsave` ignores `strip` and even writes an EXIF chunk of its own, so WebP
-//!    output is also cleaned at the RIFF level (see PLATFORM.md).
+//!    output is also cleaned at the RIFF level ([`webp_without_metadata`]).
 //!
 //! Greyscale originals stay one-band greyscale for JPEG and PNG (smaller, and every viewer shows it the
 //! same) and become sRGB for WebP, AVIF and GIF, whose encoders want colour input.
@@ -68,7 +68,7 @@ use crate::request::Format;
 pub const STREAM_ABOVE_PIXELS: u64 = 1 << 24;
 
 /// The libvips loader classes that stay usable after `VipsForeignLoad` is blocked: exactly the formats
-/// SPEC §3 loads. Unblocking a class unblocks its file/buffer/source subclasses.
+/// docs/urls.md lists as inputs. Unblocking a class unblocks its file/buffer/source subclasses.
 const ALLOWED_LOADERS: [&str; 4] = [
     "VipsForeignLoadJpeg",
     "VipsForeignLoadPng",
@@ -101,7 +101,7 @@ thread_local! {
 }
 
 /// Starts libvips once per process, before the tokio runtime: `vips_init`, one libvips worker thread
-/// per operation (SPEC §8: the parallelism is our pool's, not libvips'), the operation cache off
+/// per operation (the parallelism is our pool's, not libvips'), the operation cache off
 /// (every request is different, and the cache would pin originals in memory), untrusted operations
 /// blocked, and every loader blocked except JPEG, PNG, WebP and GIF (plus HEIF/AVIF when
 /// `accept_avif_input`).
@@ -305,7 +305,7 @@ unsafe fn load(kind: Kind, bytes: &[u8], reduce: Reduce) -> Result<VipsImage, Im
                 _ => VipsImage::webpload_source_with_opts(&source, options),
             }
         }
-        // First frame only (SPEC §3); `n-pages` still reports how many there are.
+        // First frame only (animations are not rendered); `n-pages` still reports how many there are.
         Kind::Gif => VipsImage::gifload_source_with_opts(&source, options.set("n", 1)),
         Kind::Heif => VipsImage::heifload_source_with_opts(&source, options.set("n", 1)),
     };

@@ -1,6 +1,6 @@
 //! Step 3b of the request flow (url → cache → **source** → image → store → response) for the seed's
 //! `?source=URL` override: the rules a client-named URL must pass before, and while, we fetch it
-//! (SPEC §9). Without them the override is a server-side request forgery primitive: "fetch
+//! (docs/urls.md). Without them the override is a server-side request forgery primitive: "fetch
 //! `http://169.254.169.254/` for me and tell me how it went".
 //!
 //! Off by default: the service answers 403 before this module is reached. When
@@ -47,7 +47,7 @@ use super::{error_chain, SourceError, SourceLimits};
 use crate::config::Config;
 use crate::error::Error;
 
-/// The most redirects one override may follow (SPEC §9).
+/// The most redirects one override may follow.
 pub const MAX_REDIRECTS: usize = 3;
 
 /// The longest `?source=` URL accepted, in bytes: as long as any real image URL, short enough that

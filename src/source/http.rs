@@ -4,7 +4,7 @@
 //! One shared `reqwest` client (connection reuse across requests) with a connect timeout, no proxy
 //! taken from the environment, and no redirects: `source_domain` is our own origin, so a 3xx is a
 //! misconfiguration reported as 502 rather than a hop to wherever it points. `?source=` overrides
-//! with checked redirects are a separate concern (SPEC §9, [`super::guard`]), sharing its fetch loop.
+//! with checked redirects are a separate concern ([`super::guard`]), sharing its fetch loop.
 //!
 //! The limits are enforced here, not trusted to the origin: the whole exchange (headers and body)
 //! runs under one `fetch_timeout` deadline, and the body is counted chunk by chunk so an origin

@@ -4,7 +4,7 @@
 //! An original lives either behind an HTTP(S) base URL (`source_domain`, [`http`]) or in an object
 //! store (`source_store`, [`object`]); in both cases its location is the `source_path` template
 //! (`{model}/{type}/{id}/original.jpg`, the seed's layout) expanded with the request's names.
-//! Whatever the backend, a fetch obeys the same [`SourceLimits`] (SPEC §4, §8, §9): a connect
+//! Whatever the backend, a fetch obeys the same [`SourceLimits`] (docs/configuration.md): a connect
 //! timeout, a *total* deadline (a trickling origin cannot hold a request past it), and a byte limit
 //! enforced while streaming, because a declared `Content-Length` or object size can lie or be absent.
 //! Failures are sorted into [`SourceError`] so the service can answer 404 / 422 / 502 / 504.
@@ -26,7 +26,7 @@ use object_store::{ClientOptions, ObjectStore, RetryConfig};
 use crate::config::{Config, S3Config};
 use crate::request::ImageRequest;
 
-/// Why an original could not be fetched. Each variant maps to one status (SPEC §2).
+/// Why an original could not be fetched. Each variant maps to one status (`crate::error`).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SourceError {
     /// The source says the original does not exist (HTTP 404/410, missing object): 404.
@@ -48,7 +48,7 @@ pub enum SourceError {
     Config(String),
 }
 
-/// The limits every fetch obeys, whatever the backend (SPEC §4, §8, §9).
+/// The limits every fetch obeys, whatever the backend.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SourceLimits {
     /// `max_source_bytes`: the most bytes one original may have (default 25 MB).
@@ -186,7 +186,7 @@ pub(crate) fn probe_request() -> ImageRequest {
     }
 }
 
-/// Builds an object store and its key prefix from an object-store URL (SPEC §4, §5):
+/// Builds an object store and its key prefix from an object-store URL (docs/configuration.md):
 ///
 /// - `file:///dir`: the local filesystem below `dir` (created if missing);
 /// - `memory://`: an in-process store (tests);
@@ -294,7 +294,7 @@ pub fn object_store_from_url(
     }
 }
 
-/// An S3 builder from our keys (SPEC §4). Credentials: `s3_access_key_id`/`s3_secret_access_key`,
+/// An S3 builder from our keys. Credentials: `s3_access_key_id`/`s3_secret_access_key`,
 /// else `AWS_ACCESS_KEY_ID`/`AWS_SECRET_ACCESS_KEY` (and `AWS_SESSION_TOKEN`); else the builder
 /// falls back to instance metadata, as any AWS client does. Only these variables are read, so a
 /// stray `AWS_ENDPOINT` in the environment cannot redirect the store behind the config's back.

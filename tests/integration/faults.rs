@@ -1,4 +1,4 @@
-//! Faults of the world around the server (SPEC §2, §4, §8): origins that fail, stall, trickle, lie or
+//! Faults of the world around the server: origins that fail, stall, trickle, lie or
 //! refuse; clients that stall, crowd or leave; a full processing queue; SIGTERM with requests in
 //! flight. Each case checks the status, the fixed body, the cache headers, that nothing was cached,
 //! and that the server still serves afterwards. Every socket is on loopback.

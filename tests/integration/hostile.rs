@@ -1,5 +1,5 @@
-//! Hostile inputs end to end over HTTP (SPEC §2, §3, §9): decompression bombs, truncated and
-//! disguised originals, and malformed requests. Each must get its SPEC §2 status and a fixed body;
+//! Hostile inputs end to end over HTTP: decompression bombs, truncated and
+//! disguised originals, and malformed requests. Each must get its documented status (docs/urls.md) and a fixed body;
 //! no bomb may start a pixel decode; nothing may be cached; the process must stay up with its
 //! resident memory barely moved.
 //!
@@ -98,7 +98,7 @@ fn jpeg_bomb() -> Vec<u8> {
 }
 
 /// A 1×1 GIF screen whose one 1×1 frame sits at (60000, 60000): libvips 8.14.1 by default builds a
-/// 60001×60001 canvas for it (14.3 GB, PLATFORM.md).
+/// 60001×60001 canvas for it (14.3 GB, measured).
 fn gif_bomb() -> Vec<u8> {
     let mut gif = b"GIF89a".to_vec();
     gif.extend_from_slice(&[1, 0, 1, 0, 0, 0, 0]);

@@ -1,4 +1,4 @@
-//! The operator commands beside the request path (SPEC §11): `image-server warm` and `image-server
+//! The operator commands beside the request path: `image-server warm` and `image-server
 //! purge` run as the real binary (a subprocess) against SeaweedFS and a loopback origin, and a server
 //! started in-process shows what they changed: warmed variants answer from the store with no origin
 //! request, a purged id is rendered again, and the status port's purge endpoint guards itself.

@@ -1,4 +1,4 @@
-//! `?source=` (SPEC §9), URL signing and `allowed_sizes`, end to end over HTTP.
+//! `?source=`, URL signing and `allowed_sizes`, end to end over HTTP.
 //!
 //! Nothing here leaves loopback: the server's override client gets an injected resolver that maps
 //! test names (`img.test`, `evil.test`, …) to 127.0.0.x and records every lookup, and a test address

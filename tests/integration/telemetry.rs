@@ -1,4 +1,4 @@
-//! Telemetry as operators see it (SPEC §6–§7): the statsd lines, the Prometheus page, the status
+//! Telemetry as operators see it (docs/operations.md): the statsd lines, the Prometheus page, the status
 //! port and the log, checked on the real binary.
 //!
 //! The `metrics` recorder is process-global (the first server in this test process installs it with
