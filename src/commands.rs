@@ -19,12 +19,12 @@ use std::time::{Duration, Instant};
 
 use futures::{stream, StreamExt};
 
+use crate::app::App;
 use crate::cli::{PurgeArgs, WarmArgs};
 use crate::config::Config;
 use crate::error::Error;
 use crate::pipeline::Pipeline;
 use crate::request::{ImageRequest, Rules};
-use crate::service::App;
 
 /// Exit status when the command cannot start (usage or configuration), as for a bad config in `main`.
 const EXIT_USAGE: u8 = 2;

@@ -4,7 +4,8 @@
 //!
 //! Request flow (each step is a module, in the order a request meets them):
 //!
-//! 1. [`server`] accepts connections (hyper-util auto builder, connection cap, graceful stop).
+//! 1. [`server`] accepts connections (hyper-util auto builder, per-connection deadlines, a connection
+//!    budget per port where idle connections make room, graceful stop).
 //! 2. [`service`] routes; [`request`] parses `/{model}/{type}/{id}/{version}[-q{Q}].{ext}` into an
 //!    [`request::ImageRequest`] with a canonical [`request::CacheKey`], refusing bad names before any I/O.
 //! 3. [`pipeline`] looks the key up in the memory cache ([`cache::memory`]), then the remote result
@@ -13,8 +14,11 @@
 //! 4. [`service`] turns the result or the [`error::Error`] into a response with the right validators,
 //!    cache headers and counters ([`metrics`]).
 //!
-//! Configuration is read once by [`config`] (defaults < `config/{env}.toml` < `IMAGE_SERVER_*` < flags).
+//! Configuration is read once by [`config`] (defaults < `config/{env}.toml` < `IMAGE_SERVER_*` < flags);
+//! [`app`] builds everything from it once (`serve`, `warm` and `purge` alike); [`status`] answers the
+//! status port. `docs/architecture.md` tells the same story with the decisions each step makes.
 
+pub mod app;
 pub mod cache;
 pub mod cli;
 pub mod commands;
@@ -28,3 +32,4 @@ pub mod server;
 pub mod service;
 pub mod signature;
 pub mod source;
+pub mod status;

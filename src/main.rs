@@ -5,12 +5,12 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::Parser;
+use image_server::app::App;
 use image_server::cli::{Cli, Command};
 use image_server::config::{self, Config};
 use image_server::image::vips;
 use image_server::metrics::{self, StatsdTarget};
 use image_server::server;
-use image_server::service::App;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();

@@ -89,8 +89,14 @@ pub struct PipelineStats {
 }
 
 impl Pipeline {
-    /// Builds the pipeline from a validated config, a source and an optional result store.
-    pub fn new(config: Arc<Config>, source: Source, remote: Option<RemoteStore>) -> Pipeline {
+    /// Builds the pipeline from a validated config, a source, an optional result store and the
+    /// `?source=` guard (`None` refuses every override).
+    pub fn new(
+        config: Arc<Config>,
+        source: Source,
+        remote: Option<RemoteStore>,
+        overrides: Option<SourceGuard>,
+    ) -> Pipeline {
         let processor = Processor::new(config.pool(), config.decode_limits());
         let memory = MemoryCache::new(
             config.memory_cache_bytes,
@@ -118,7 +124,7 @@ impl Pipeline {
                 originals,
                 downloads_current: AtomicUsize::new(0),
                 downloads_total: AtomicU64::new(0),
-                overrides: None,
+                overrides,
                 store_warning: RateLimitedWarning::default(),
                 waiting: Waiting::default(),
             }),
@@ -238,16 +244,6 @@ impl Pipeline {
             .await
             .map_err(|e| Error::Internal(e.to_string()))?;
         Ok(true)
-    }
-
-    /// Installs the `?source=` guard (`App::new` from the config; tests with a loopback resolver).
-    /// Only before the pipeline is shared: fails once a clone of it exists.
-    pub fn set_source_guard(&mut self, guard: Option<SourceGuard>) -> Result<(), Error> {
-        let inner = Arc::get_mut(&mut self.inner).ok_or_else(|| {
-            Error::Internal("source guard set after the pipeline was shared".into())
-        })?;
-        inner.overrides = guard;
-        Ok(())
     }
 
     /// The `?source=` guard, when overrides are enabled.

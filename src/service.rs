@@ -1,11 +1,12 @@
-//! Steps 2 and 4 of the request flow: routing, and turning a result or an [`Error`] into a response.
+//! Steps 2 and 4 of the request flow on the image port: routing, and turning a result or an
+//! [`Error`] into a response.
 //!
 //! This is the one place that records per-request metrics and writes the per-request log line. Image
 //! responses carry the validators and cache headers CDNs rely on (docs/urls.md); errors carry a fixed
-//! plain-text line and a Cache-Control that never lets a CDN keep a 5xx. The status port's routes
-//! (`/`, `/health`, `/ready`, `/metrics`, `POST /purge/…`) live here too.
+//! plain-text line and a Cache-Control that never lets a CDN keep a 5xx or a 401/403. The status
+//! port's routes are in [`crate::status`].
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
@@ -14,17 +15,13 @@ use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::Full;
 
-use crate::cache::remote::RemoteStore;
+use crate::app::App;
 use crate::cache::Tier;
-use crate::config::Config;
 use crate::error::Error;
-use crate::image::vips;
 use crate::metrics as m;
-use crate::pipeline::{Pipeline, Served};
-use crate::request::{Format, ImageRequest, Rules};
-use crate::server::connection::Room;
+use crate::pipeline::Served;
+use crate::request::{Format, ImageRequest};
 use crate::source::guard::{Refusal, SourceUrl};
-use crate::source::Source;
 
 /// `X-Cache`: which tier answered (`memory`, `remote`, `miss`).
 const X_CACHE: header::HeaderName = header::HeaderName::from_static("x-cache");
@@ -46,91 +43,7 @@ fn shown_path(path: &str) -> &str {
 /// The response body type of both ports.
 pub type Body = Full<Bytes>;
 
-/// Everything a request needs, shared by every connection.
-pub struct App {
-    /// The validated configuration.
-    pub config: Arc<Config>,
-    /// The parse rules derived from it.
-    pub rules: Rules,
-    /// The cache → fetch → render → store orchestration.
-    pub pipeline: Pipeline,
-    /// Set when a stop was asked for: `/ready` turns 503 and new image requests are refused.
-    pub shutting_down: AtomicBool,
-    /// When the server started.
-    pub started: Instant,
-    /// `Cache-Control` sent on 4xx answers, precomputed from `not_found_ttl`.
-    error_cache_control: HeaderValue,
-    /// `Cache-Control` sent on images.
-    cache_control: HeaderValue,
-    /// The open connections of each port (the server evicts idle ones from them; the status page
-    /// counts them).
-    pub rooms: Rooms,
-}
-
-/// The open connections of both ports.
-#[derive(Default)]
-pub struct Rooms {
-    /// The image port's.
-    pub image: Arc<Room>,
-    /// The status port's.
-    pub status: Arc<Room>,
-}
-
 impl App {
-    /// Builds the source, the result store and the pipeline from a validated config. Must run inside a
-    /// tokio runtime (the result store spawns its writers).
-    pub fn new(config: Config) -> Result<App, Error> {
-        let config = Arc::new(config);
-        let source = Source::from_config(&config)?;
-        let remote = match &config.result_store {
-            None => None,
-            Some(url) => {
-                let (store, prefix) = crate::source::object_store_from_url(
-                    url,
-                    &config.s3,
-                    config.store_timeout,
-                    config.connect_timeout,
-                )?;
-                // The local filesystem backend refuses object attributes; every other backend keeps them.
-                let attributes = !url.starts_with("file:");
-                Some(RemoteStore::new(
-                    store,
-                    prefix,
-                    attributes,
-                    config.cache_control.clone(),
-                    config.store_timeout,
-                    config.upload_concurrency,
-                    config.upload_backlog,
-                ))
-            }
-        };
-        let guard = crate::source::guard::SourceGuard::from_config(&config)?;
-        let mut app = App::with_parts(config, source, remote);
-        app.pipeline.set_source_guard(guard)?;
-        Ok(app)
-    }
-
-    /// Assembles an app from parts (tests inject their own source or store).
-    pub fn with_parts(config: Arc<Config>, source: Source, remote: Option<RemoteStore>) -> App {
-        let error_cache_control = HeaderValue::from_str(&format!(
-            "public, max-age={}",
-            config.not_found_ttl.as_secs()
-        ))
-        .unwrap_or(HeaderValue::from_static("no-store"));
-        let cache_control = HeaderValue::from_str(&config.cache_control)
-            .unwrap_or(HeaderValue::from_static("public, max-age=31536000"));
-        App {
-            rules: config.rules(),
-            pipeline: Pipeline::new(config.clone(), source, remote),
-            config,
-            shutting_down: AtomicBool::new(false),
-            started: Instant::now(),
-            error_cache_control,
-            cache_control,
-            rooms: Rooms::default(),
-        }
-    }
-
     /// Answers one request on the image port. Never fails: every error becomes a response.
     pub async fn handle<B>(self: Arc<Self>, req: Request<B>) -> Response<Body> {
         let started = Instant::now();
@@ -349,180 +262,6 @@ impl App {
             r
         })
     }
-
-    /// Sets the `processing.current`, `downloads.current` and `queue.depth` gauges from the live
-    /// counters (on every `/metrics` scrape, and once a second from the server for statsd).
-    pub fn publish_gauges(&self) {
-        let stats = self.pipeline.stats();
-        m::gauge(m::PROCESSING_CURRENT, stats.processing_current as f64);
-        m::gauge(m::DOWNLOADS_CURRENT, stats.downloads_current as f64);
-        m::gauge(m::QUEUE_DEPTH, stats.queue_depth as f64);
-    }
-
-    /// Answers one request on the status port.
-    pub async fn handle_status<B>(self: Arc<Self>, req: Request<B>) -> Response<Body> {
-        let path = req.uri().path().to_owned();
-        let (status, content_type, body) = match (req.method(), path.as_str()) {
-            (&Method::GET, "/") => (
-                StatusCode::OK,
-                "application/json",
-                self.status_json().await.to_string(),
-            ),
-            (&Method::GET, "/health") => {
-                let ok = tokio::task::spawn_blocking(vips::self_test).await;
-                match ok {
-                    Ok(Ok(())) => (StatusCode::OK, "text/plain", "ok\n".to_owned()),
-                    _ => (
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "text/plain",
-                        "unhealthy\n".to_owned(),
-                    ),
-                }
-            }
-            (&Method::GET, "/ready") => {
-                if self.shutting_down.load(Ordering::Acquire) {
-                    (
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "text/plain",
-                        "shutting down\n".to_owned(),
-                    )
-                } else if let Some(Err(_)) = match self.pipeline.remote() {
-                    Some(r) => Some(r.check().await),
-                    None => None,
-                } {
-                    (
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "text/plain",
-                        "result store unreachable\n".to_owned(),
-                    )
-                } else {
-                    (StatusCode::OK, "text/plain", "ready\n".to_owned())
-                }
-            }
-            (&Method::GET, "/metrics") => {
-                // Gauges are read at scrape time, not whenever a render last ended.
-                self.publish_gauges();
-                (
-                    StatusCode::OK,
-                    "text/plain; version=0.0.4",
-                    m::prometheus().map(|h| h.render()).unwrap_or_default(),
-                )
-            }
-            (&Method::POST, p) if p.starts_with("/purge/") => self.purge(&req, p),
-            _ => (
-                StatusCode::NOT_FOUND,
-                "text/plain",
-                "not found\n".to_owned(),
-            ),
-        };
-        Response::builder()
-            .status(status)
-            .header(header::CONTENT_TYPE, content_type)
-            .header(header::CACHE_CONTROL, "no-store")
-            .body(Body::new(Bytes::from(body)))
-            .unwrap_or_else(|_| Response::new(Body::default()))
-    }
-
-    fn purge<B>(&self, req: &Request<B>, path: &str) -> (StatusCode, &'static str, String) {
-        let Some(token) = &self.config.admin_token else {
-            m::incr_with(m::PURGE, "disabled");
-            return (
-                StatusCode::NOT_FOUND,
-                "text/plain",
-                "purge disabled\n".to_owned(),
-            );
-        };
-        let given = req
-            .headers()
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "));
-        if !given.is_some_and(|g| constant_time_eq(g.as_bytes(), token.as_bytes())) {
-            m::incr_with(m::PURGE, "unauthorized");
-            return (
-                StatusCode::UNAUTHORIZED,
-                "text/plain",
-                "unauthorized\n".to_owned(),
-            );
-        }
-        let original = path.strip_prefix("/purge/").unwrap_or_default();
-        // Reuse the URL grammar to validate the id: a purge path must name a real original.
-        let probe = format!("/{original}/full_size.jpg");
-        if ImageRequest::parse(&probe, &Rules::default()).is_err() {
-            m::incr_with(m::PURGE, "bad_id");
-            return (StatusCode::BAD_REQUEST, "text/plain", "bad id\n".to_owned());
-        }
-        match self.pipeline.purge_memory(original) {
-            Ok(()) => {
-                m::incr_with(m::PURGE, "ok");
-                // An operator action, worth one line; the id passed the grammar, so it is safe to log.
-                tracing::info!(original, "purged from memory");
-                (StatusCode::OK, "text/plain", "purged\n".to_owned())
-            }
-            Err(e) => {
-                m::incr_with(m::PURGE, "failed");
-                tracing::warn!(error = %e, "purge failed");
-                (
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "text/plain",
-                    "internal error\n".to_owned(),
-                )
-            }
-        }
-    }
-
-    async fn status_json(&self) -> serde_json::Value {
-        let stats = self.pipeline.stats();
-        let mem = self.pipeline.memory();
-        mem.sync().await;
-        self.pipeline.sync_originals().await;
-        let (orig_entries, orig_bytes) = self.pipeline.originals_usage();
-        let ratio = |h: u64, mi: u64| {
-            if h + mi == 0 {
-                0.0
-            } else {
-                h as f64 / (h + mi) as f64
-            }
-        };
-        let remote = self.pipeline.remote().map(|r| {
-            serde_json::json!({
-                "hits": r.hits(),
-                "misses": r.misses(),
-                "hit_ratio": ratio(r.hits(), r.misses()),
-                "writes": r.writes(),
-                "write_fails": r.write_fails(),
-                "pending_writes": r.pending(),
-            })
-        });
-        serde_json::json!({
-            "version": env!("CARGO_PKG_VERSION"),
-            "libvips_version": vips::version(),
-            "uptime_seconds": self.started.elapsed().as_secs(),
-            "shutting_down": self.shutting_down.load(Ordering::Acquire),
-            "processing": {
-                "current": stats.processing_current,
-                "total": stats.processing_total,
-                "abandoned": stats.abandoned,
-                "memory_reserved_bytes": stats.memory_reserved,
-            },
-            "connections": { "image": self.rooms.image.len(), "status": self.rooms.status.len() },
-            "downloads": { "current": stats.downloads_current, "total": stats.downloads_total },
-            "queue_depth": stats.queue_depth,
-            "source": self.pipeline.source().describe(),
-            "cache": {
-                "memory": {
-                    "entries": mem.entry_count(),
-                    "bytes": mem.weighted_size(),
-                    "hits": mem.hits(),
-                    "misses": mem.misses(),
-                    "hit_ratio": ratio(mem.hits(), mem.misses()),
-                },
-                "originals": { "entries": orig_entries, "bytes": orig_bytes },
-                "remote": remote,
-            },
-            "limits": self.config.describe(),
-        })
-    }
 }
 
 /// Whether an `Accept` header lists `mime` with q > 0 (exact type only: `image/*` and `*/*` say
@@ -574,10 +313,6 @@ fn etag_matches(header: &str, etag: &str) -> bool {
         let t = t.trim();
         t == "*" || t.trim_start_matches("W/") == bare
     })
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 #[cfg(test)]
@@ -652,12 +387,5 @@ mod tests {
         assert!(etag_matches("\"x\", \"abc\"", "\"abc\""));
         assert!(etag_matches("*", "\"abc\""));
         assert!(!etag_matches("\"abd\"", "\"abc\""));
-    }
-
-    #[test]
-    fn token_compare() {
-        assert!(constant_time_eq(b"abc", b"abc"));
-        assert!(!constant_time_eq(b"abc", b"abd"));
-        assert!(!constant_time_eq(b"abc", b"ab"));
     }
 }

@@ -28,7 +28,7 @@
 //!    background for JPEG only.
 //! 6. **Strip** every metadata field by hand as well as asking the encoder to, then **encode** once.
 //!    libvips 8.14.1 `webpsave` ignores `strip` and even writes an EXIF chunk of its own, so WebP
-//!    output is also cleaned at the RIFF level ([`webp_without_metadata`]).
+//!    output is also cleaned at the RIFF level (`webp_without_metadata`).
 //!
 //! Greyscale originals stay one-band greyscale for JPEG and PNG (smaller, and every viewer shows it the
 //! same) and become sRGB for WebP, AVIF and GIF, whose encoders want colour input.
@@ -423,7 +423,7 @@ pub fn render(
 
 /// [`render`], stopped with [`ImageError::Timeout`] once `deadline` has passed: the direct JPEG
 /// decode checks it from libjpeg's progress monitor, libvips' evaluation from its `eval` signal
-/// (see [`Watchdog`]). Encoders that cannot be interrupted (the AV1 encoder) run to their end; the
+/// (see `EvalWatch`). Encoders that cannot be interrupted (the AV1 encoder) run to their end; the
 /// AVIF output ceiling bounds them instead.
 pub fn render_within(
     original: &[u8],

@@ -86,7 +86,7 @@ pub enum Verdict {
 }
 
 /// One connection's progress, shared by its stream, its service and its task. Times are
-/// milliseconds since [`Activity::born`] (tokio's clock, so tests can pause it).
+/// milliseconds since the connection was accepted (tokio's clock, so tests can pause it).
 #[derive(Debug)]
 pub struct Activity {
     born: Instant,

@@ -22,8 +22,9 @@ use socket2::{SockRef, TcpKeepalive};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 
+use crate::app::App;
 use crate::metrics as m;
-use crate::service::{App, Body};
+use crate::service::Body;
 
 pub mod connection;
 
@@ -78,7 +79,7 @@ async fn publish_gauges(app: Arc<App>, mut stop: watch::Receiver<bool>) {
 
 /// Raises the open-files soft limit to the hard limit and returns the `max_connections` that fits
 /// in it, with the warning to log when that is less than configured. Each client connection is one
-/// descriptor; the status port's budget and [`RESERVED_FDS`] come off the top.
+/// descriptor; the status port's budget and 64 more (listeners, origin and store connections, files) come off the top.
 pub fn fit_connections(max_connections: usize, extra_fds: u64) -> (usize, Option<String>) {
     let limit = match rlimit::increase_nofile_limit(u64::MAX) {
         Ok(limit) => limit,

@@ -13,12 +13,12 @@ use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 
+use image_server::app::App;
 use image_server::image::vips::{self, fixtures};
 use image_server::server::{self, Running};
-use image_server::service::App;
 use image_server::signature;
 use image_server::source::guard::{AddressPolicy, SourceGuard};
-use image_server::source::SourceLimits;
+use image_server::source::{Source, SourceLimits};
 use reqwest::dns::{Addrs, Name, Resolve, Resolving};
 
 use crate::raw::{self, Behaviour, RawOrigin};
@@ -87,10 +87,9 @@ async fn start_guarded(
         AddressPolicy::for_tests(vec!["127.0.0.1".parse().expect("ip")]),
     )
     .expect("guard");
-    let mut app = App::new(cfg).expect("app");
-    app.pipeline
-        .set_source_guard(Some(guard))
-        .expect("fresh pipeline");
+    let cfg = Arc::new(cfg);
+    let source = Source::from_config(&cfg).expect("source");
+    let app = App::with_parts(cfg, source, None, Some(guard));
     server::start(app).await.expect("server starts")
 }
 

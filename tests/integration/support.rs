@@ -16,10 +16,10 @@ use http_body_util::Full;
 use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use image_server::app::App;
 use image_server::config::{self, Config};
 use image_server::image::vips;
 use image_server::server::{self, Running};
-use image_server::service::App;
 use tokio::net::TcpListener;
 
 /// How the origin answers.
