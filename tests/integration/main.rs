@@ -4,6 +4,7 @@
 mod attack;
 mod caching;
 mod cdn;
+mod docs;
 mod faults;
 mod hostile;
 mod operations;
