@@ -269,22 +269,22 @@ pub fn gauge(name: &'static str, value: f64) {
 mod tests {
     use super::*;
 
-    /// Operators read README.md's Metrics table: every name here must be in it, in backticks (a
+    /// Operators read docs/operations.md's Metrics table: every name here must be in it, in backticks (a
     /// name emitted only with a suffix, such as `response.status`, as `response.status.{…}`), and so
     /// must every `{name}.{…}` form a description mentions.
     #[test]
-    fn readme_lists_every_metric() {
-        let readme = include_str!("../README.md");
-        let section = readme
+    fn the_operations_doc_lists_every_metric() {
+        let doc = include_str!("../docs/operations.md");
+        let section = doc
             .split("\n## Metrics\n")
             .nth(1)
             .and_then(|s| s.split("\n## ").next())
-            .expect("README.md has a Metrics section");
+            .expect("docs/operations.md has a Metrics section");
         for (name, help) in COUNTERS.iter().chain(TIMERS_AND_GAUGES) {
             assert!(
                 section.contains(&format!("| `{name}` |"))
                     || section.contains(&format!("| `{name}.{{")),
-                "README.md Metrics table lacks `{name}`"
+                "docs/operations.md Metrics table lacks `{name}`"
             );
             // `image_request.{ext}` in a description needs its own row; an enumeration such as
             // `purge.{ok,…}` is covered by the `{name}.{` row above.
@@ -297,7 +297,7 @@ mod tests {
                     let form = format!("{name}.{{{placeholder}}}");
                     assert!(
                         section.contains(&format!("| `{form}` |")),
-                        "README.md Metrics table lacks `{form}`"
+                        "docs/operations.md Metrics table lacks `{form}`"
                     );
                 }
             }

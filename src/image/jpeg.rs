@@ -9,7 +9,7 @@
 //! loses libvips' region bookkeeping and its zero-filled buffer (~2 M instructions of ~188 M).
 //!
 //! libvips still reads the header (size, orientation, ICC profile, the limits in `vips.rs`), and
-//! everything this decoder does not take — CMYK/YCCK, rotated originals, images that need no resample —
+//! everything this decoder does not take — CMYK/YCCK, images that need no resample —
 //! stays on libvips' loader: [`JpegError::Unsupported`] tells the caller to use it.
 //! Warnings count as errors, as with libvips' `fail_on=warning`: a truncated or corrupt original is
 //! [`JpegError::Corrupt`], never an image with made-up rows.
