@@ -29,7 +29,7 @@ fn spec(version: Version, format: Format) -> RenderSpec {
 
 fn render(c: &mut Criterion) {
     vips::init(false).expect("libvips init");
-    let original = vips::fixtures::jpeg(3000, 2000, 90);
+    let original = image_server::image::fixtures::jpeg(3000, 2000, 90);
     let limits = DecodeLimits::default();
     if let Ok(dir) = std::env::var("RENDER_BENCH_WRITE_ORIGINAL") {
         // Lets the djpeg floor be measured on exactly the same bytes.

@@ -195,7 +195,7 @@ pub fn decode_within(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::image::vips::fixtures;
+    use crate::image::fixtures;
 
     fn full(original: &[u8], denom: u32, scaled: Size, bands: u8) -> Columns {
         decode(original, denom, scaled, bands, 0, scaled.width).expect("decode")

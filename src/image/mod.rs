@@ -9,11 +9,14 @@
 //! SIMD resize of decoded 8-bit pixels in [`resample`].
 
 pub mod cost;
+#[cfg(any(test, feature = "test-support"))]
+pub mod fixtures;
 pub mod geometry;
 pub mod jpeg;
 pub mod markers;
 pub mod resample;
 pub mod vips;
+pub mod webp;
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -465,7 +468,7 @@ mod tests {
         let b = p.stage().await.expect("second place");
         assert!(pending(p.stage()).await, "a third original must wait");
 
-        let original = Bytes::from(vips::fixtures::jpeg(64, 48, 85));
+        let original = Bytes::from(crate::image::fixtures::jpeg(64, 48, 85));
         let render = {
             let p = p.clone();
             let admission = p.admit(Format::Jpeg).expect("admitted");
@@ -508,7 +511,7 @@ mod tests {
         let render = {
             let p = p.clone();
             let admission = p.admit(Format::Avif).expect("admitted");
-            let original = Bytes::from(vips::fixtures::jpeg(64, 48, 85));
+            let original = Bytes::from(crate::image::fixtures::jpeg(64, 48, 85));
             let avif = RenderSpec {
                 format: Format::Avif,
                 ..spec()
@@ -573,7 +576,7 @@ mod tests {
         };
         let p = Processor::new(pool, DecodeLimits::default());
         // 2000x2000 at full size: 12 MB of RGB alone.
-        let big = Bytes::from(vips::fixtures::jpeg(2000, 2000, 80));
+        let big = Bytes::from(crate::image::fixtures::jpeg(2000, 2000, 80));
         let full = RenderSpec {
             version: crate::request::Version::FullSize,
             ..spec()

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use image_server::image::vips::fixtures;
+use image_server::image::fixtures;
 
 use crate::seaweed::Seaweed;
 use crate::support::{self, get, header, probe, Origin};

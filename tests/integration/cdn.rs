@@ -6,7 +6,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use image_server::image::vips::fixtures;
+use image_server::image::fixtures;
 use image_server::request::Format;
 
 use crate::support::{self, client, get, header, probe, Origin};

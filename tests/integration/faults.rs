@@ -5,7 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-use image_server::image::vips::fixtures;
+use image_server::image::fixtures;
 use image_server::server::Running;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -588,7 +588,7 @@ async fn inflight_download_budget_bounds_concurrent_fetches() {
     for i in 0..6 {
         origin.put(
             &format!("product/image/{}", 700 + i),
-            image_server::image::vips::fixtures::jpeg(200, 150, 80),
+            image_server::image::fixtures::jpeg(200, 150, 80),
         );
     }
     origin.set_delay(Duration::from_millis(200));

@@ -11,7 +11,8 @@
 
 use std::time::{Duration, Instant};
 
-use image_server::image::vips::{self, fixtures};
+use image_server::image::fixtures;
+use image_server::image::vips;
 use image_server::server::Running;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::TryStreamExt;
-use image_server::image::vips::fixtures;
+use image_server::image::fixtures;
 use image_server::request::Format;
 use image_server::server::Running;
 use object_store::ObjectStore;

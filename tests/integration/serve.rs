@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use image_server::image::vips::fixtures;
+use image_server::image::fixtures;
 use image_server::request::Format;
 
 use crate::support::{self, get, header, probe, Origin, Reply};

@@ -14,7 +14,8 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 
 use image_server::app::App;
-use image_server::image::vips::{self, fixtures};
+use image_server::image::fixtures;
+use image_server::image::vips;
 use image_server::server::{self, Running};
 use image_server::signature;
 use image_server::source::guard::{AddressPolicy, SourceGuard};

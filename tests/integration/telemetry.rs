@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use image_server::image::vips::fixtures;
+use image_server::image::fixtures;
 
 use crate::seaweed::Seaweed;
 use crate::support::{self, client, probe, Origin, Reply};
