@@ -40,6 +40,7 @@
 //! and there a failure is reported as `Undecodable`, by far the likelier cause. The libvips error
 //! buffer is cleared after every failure and its text is only ever logged, never matched.
 
+#[cfg(test)]
 use std::cell::Cell;
 use std::ffi::{CStr, CString};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -91,6 +92,7 @@ static BLOCK_LOCK: Mutex<()> = Mutex::new(());
 static HEIF_UNBLOCKED: AtomicBool = AtomicBool::new(false);
 static DECODES: AtomicU64 = AtomicU64::new(0);
 
+#[cfg(test)]
 thread_local! {
     /// Per-thread twin of [`DECODES`]: unit tests run in parallel threads, and a test proving that a
     /// bomb is never decoded must not see the decodes of its neighbours.
@@ -477,6 +479,7 @@ fn render_with(
     }
 
     DECODES.fetch_add(1, Ordering::Relaxed);
+    #[cfg(test)]
     THREAD_DECODES.with(|c| c.set(c.get() + 1));
 
     // Re-open with the decoder doing the bulk of the reduction; every other format decodes at full size.
@@ -870,6 +873,7 @@ fn resample_jpeg(
         Err(JpegError::Timeout) => return Err(ImageError::Timeout),
         Err(e @ JpegError::Mismatch) => return Err(ImageError::Internal(e.to_string())),
     };
+    #[cfg(test)]
     THREAD_DIRECT_JPEG.with(|c| c.set(c.get() + 1));
     let decoded = Pixels {
         data: &columns.data,
@@ -2299,17 +2303,10 @@ mod tests {
         assert_eq!((header.width, header.height), (100_000, 100_000));
 
         let before = thread_decodes();
-        let global_before = decodes_started();
-        let t = Instant::now();
         let result = render(&png, &spec(Version::Width(100), Format::Jpeg), &limits());
         assert_eq!(result.map(|_| ()), Err(ImageError::SourceTooLarge));
-        assert!(
-            t.elapsed() < Duration::from_secs(1),
-            "took {:?}",
-            t.elapsed()
-        );
+        // Refused from the header: the decode (7.7 s and gigabytes when it runs) never started.
         assert_eq!(thread_decodes(), before, "nothing decoded");
-        assert!(decodes_started() >= global_before);
     }
 
     #[test]
