@@ -148,13 +148,22 @@ fn parse_key_value(s: &str) -> Result<(String, String), String> {
     Ok((key.to_ascii_lowercase(), value.to_owned()))
 }
 
+/// Options of `check-config`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, clap::Args)]
+pub struct CheckConfigArgs {
+    /// Also print the settings in force as JSON (secrets only as whether they are set).
+    #[arg(long)]
+    pub print: bool,
+}
+
 /// The commands.
 #[derive(Debug, Clone, PartialEq, Eq, Subcommand)]
 pub enum Command {
     /// Run the server (the default).
     Serve,
-    /// Load and validate the configuration, print the settings in force, exit non-zero on error.
-    CheckConfig,
+    /// Load and validate the configuration and build what start-up builds (source, result store,
+    /// `?source=` guard) without serving; exit 2 with the reason when something is wrong.
+    CheckConfig(CheckConfigArgs),
     /// Render versions of many originals into the result store.
     Warm(WarmArgs),
     /// Delete every stored variant of some originals, and the memory entries of running servers.
@@ -235,7 +244,10 @@ mod tests {
             "--set",
             "cache_control=public, max-age=60",
         ]);
-        assert_eq!(cli.subcommand(), Command::CheckConfig);
+        assert_eq!(
+            cli.subcommand(),
+            Command::CheckConfig(CheckConfigArgs { print: false })
+        );
         assert_eq!(cli.global.environment, "production");
         assert_eq!(
             cli.global.overrides(),

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use clap::Parser;
 use image_server::app::App;
-use image_server::cli::{Cli, Command};
+use image_server::cli::{CheckConfigArgs, Cli, Command};
 use image_server::config::{self, Config};
 use image_server::image::vips;
 use image_server::metrics::{self, StatsdTarget};
@@ -22,13 +22,8 @@ fn main() -> ExitCode {
         }
     };
     let command = cli.command.unwrap_or(Command::Serve);
-    if let Command::CheckConfig = command {
-        let outbound = (config.download_concurrency + config.upload_concurrency) as u64;
-        if let (_, Some(warning)) = server::fit_connections(config.max_connections, outbound) {
-            println!("warning: {warning}");
-        }
-        println!("configuration OK");
-        return ExitCode::SUCCESS;
+    if let Command::CheckConfig(args) = command {
+        return check_config(config, &args);
     }
     init_tracing(&config);
     limit_malloc_arenas();
@@ -50,7 +45,7 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async move {
         match command {
-            Command::Serve | Command::CheckConfig => serve(config).await,
+            Command::Serve | Command::CheckConfig(_) => serve(config).await,
             Command::Warm(args) => image_server::commands::warm(config, args).await,
             Command::Purge(args) => image_server::commands::purge(config, args).await,
         }
@@ -62,6 +57,37 @@ fn main() -> ExitCode {
             ExitCode::from(1)
         }
     }
+}
+
+/// `check-config`: what start-up builds (source, result store, `?source=` guard), built and dropped
+/// without binding a port or starting libvips; the connection budget checked against the open-files
+/// limit; `--print` adds the settings in force.
+fn check_config(config: Config, args: &CheckConfigArgs) -> ExitCode {
+    let outbound = (config.download_concurrency + config.upload_concurrency) as u64;
+    if let (_, Some(warning)) = server::fit_connections(config.max_connections, outbound) {
+        println!("warning: {warning}");
+    }
+    let settings = args.print.then(|| config.describe());
+    // The result store starts its writers on a runtime, as at start-up.
+    let built = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())
+        .and_then(|rt| {
+            rt.block_on(async { App::new(config).map(drop).map_err(|e| e.to_string()) })
+        });
+    if let Err(e) = built {
+        eprintln!("image-server: configuration error: {e}");
+        return ExitCode::from(2);
+    }
+    if let Some(settings) = settings {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&settings).unwrap_or_default()
+        );
+    }
+    println!("configuration OK");
+    ExitCode::SUCCESS
 }
 
 fn init_tracing(config: &Config) {

@@ -673,3 +673,41 @@ async fn purge_endpoint_guards_itself_and_drops_every_memory_entry_of_an_origina
         404
     );
 }
+
+/// `check-config` builds what start-up builds: a result store URL that parses as a URL but names no
+/// bucket is refused (exit 2, the key named), as `serve` would refuse it; `--print` shows the settings
+/// in force, new keys included, with secrets only as whether they are set.
+#[tokio::test]
+async fn check_config_builds_what_start_up_builds() {
+    let origin = Origin::start().await;
+    let ok = run(
+        &origin,
+        &[],
+        &[("admin_token", "\"a-long-enough-admin-token\"")],
+        &["check-config", "--print"],
+        None,
+    )
+    .await;
+    assert!(ok.status.success(), "{}", stderr(&ok));
+    let text = stdout(&ok);
+    assert!(text.ends_with("configuration OK\n"), "{text}");
+    let json = &text[..text.rfind("configuration OK").expect("ok line")];
+    let settings: serde_json::Value = serde_json::from_str(json).expect("JSON settings");
+    assert_eq!(settings["max_jpeg_scans"], 100);
+    assert_eq!(settings["purge_endpoint"], true);
+    assert!(
+        !text.contains("a-long-enough-admin-token"),
+        "no secret printed"
+    );
+
+    let bad = run(
+        &origin,
+        &[],
+        &[("result_store", "\"s3://\"")],
+        &["check-config"],
+        None,
+    )
+    .await;
+    assert_eq!(bad.status.code(), Some(2), "{}", stdout(&bad));
+    assert!(stderr(&bad).contains("result_store"), "{}", stderr(&bad));
+}
