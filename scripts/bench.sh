@@ -32,7 +32,7 @@
 # Every render request names a different id (`/product/image/<n>/…`); all ids are hard links to one
 # original, so each is a distinct URL and cache key while the bytes come from the page cache. Render
 # workloads run with memory_cache_mb=0 and originals_cache_mb=0 (no result or original is kept; each
-# request fetches and renders) and queue_size=64 (above every connection count, so the numbers measure
+# request fetches and renders) and queue_size=64 avif_queue_size=64 (above every connection count, so the numbers measure
 # rendering rather than 503 shedding; the extra "default queue" row shows what the default does).
 # W5 and W6 run with the default caches, as in production.
 #
@@ -216,7 +216,7 @@ common=(
     --set 'shutdown_grace="2s"'
 )
 nocache=(--set memory_cache_mb=0 --set originals_cache_mb=0)
-bigqueue=(--set queue_size=64)
+bigqueue=(--set queue_size=64 --set avif_queue_size=64)
 
 server_pid=""
 server_nofile="" # when set, the server's soft RLIMIT_NOFILE (the attack row sets it)
@@ -635,7 +635,7 @@ mkdir -p "$root/target/bench"
     echo "floor (djpeg CPU per image, mean of $floor_runs): -scale 1/8 = $floor_fit ms (W1)," \
         "-scale 1/4 = $floor_cover ms (W2), 6000x4000 -scale 1/8 = $floor_large ms (W3);" \
         "each row's x floor divides by the mean of djpeg runs just before and after that row (notes)"
-    echo "server: W1-W4, mixed and attack with memory_cache_mb=0 originals_cache_mb=0 queue_size=64" \
+    echo "server: W1-W4, mixed and attack with memory_cache_mb=0 originals_cache_mb=0 queue_size=64 avif_queue_size=64" \
         "(unless noted); W5, W6 with the defaults; restarted for each row (peak RSS is per row)"
     if want attack; then
         echo "attack: $attack_duration s; $(cat "$scan_bomb.txt")"

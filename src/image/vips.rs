@@ -506,67 +506,48 @@ fn render_with(
     let smart = plan.crop.is_some() && spec.gravity != Gravity::Centre;
     let rotate = orientation > 1 && orientation <= 8;
     let centre_crop = if smart { None } else { plan.crop };
-    let (mut img, in_memory) = match resample_space(&decoded) {
-        // The usual case: a small decoded image, resized in memory by `resample` (SIMD) after it is
-        // turned upright, with a centre crop folded into the resize.
-        Some(space) => {
-            let stored_decoded = dims(&decoded)?;
-            let upright_size = if geometry::swaps_sides(orientation) {
-                stored_decoded.transposed()
-            } else {
-                stored_decoded
+    let upright_size = if geometry::swaps_sides(orientation) {
+        dims(&decoded)?.transposed()
+    } else {
+        dims(&decoded)?
+    };
+    let path = PixelPath::choose(
+        resample_space(&decoded),
+        kind == Kind::Jpeg && jpeg_pixels == JpegPixels::Direct,
+        upright_size != plan.resized,
+    );
+    let in_memory = |decoded: VipsImage, space: &str| {
+        let upright = upright_lazily(decoded, rotate, upright_size == plan.resized, deadline)?;
+        resample_upright(&upright, space, plan.resized, centre_crop)
+    };
+    let (mut img, in_memory) = match path {
+        PixelPath::DirectJpeg { space } => {
+            // `decoded` was opened with `plan.shrink` (1 when it is `opened`).
+            let source = JpegSource {
+                original,
+                denom: plan.shrink,
+                max_scans: limits.max_jpeg_scans,
+                deadline,
             };
-            // A JPEG that needs resampling: libjpeg-turbo decodes the pixels itself, only the
-            // columns a centre crop keeps when it is stored upright (`jpeg.rs`); `None` leaves the
-            // layout to libvips.
-            let direct = if jpeg_pixels == JpegPixels::Direct
-                && kind == Kind::Jpeg
-                && upright_size != plan.resized
-            {
-                // `decoded` was opened with `plan.shrink` (1 when it is `opened`).
-                resample_jpeg(
-                    JpegSource {
-                        original,
-                        denom: plan.shrink,
-                        max_scans: limits.max_jpeg_scans,
-                        deadline,
-                    },
-                    &decoded,
-                    if rotate { orientation } else { 1 },
-                    space,
-                    plan.resized,
-                    centre_crop,
-                )?
-            } else {
-                None
-            };
-            let img = match direct {
-                Some(img) => img,
-                None => {
-                    let upright =
-                        upright_lazily(decoded, rotate, upright_size == plan.resized, deadline)?;
-                    resample_upright(&upright, space, plan.resized, centre_crop)?
-                }
-            };
-            (img, true)
+            let turned = if rotate { orientation } else { 1 };
+            match resample_jpeg(source, &decoded, turned, space, plan.resized, centre_crop)? {
+                Some(img) => (img, true),
+                // A layout libjpeg-turbo leaves to libvips (CMYK, YCCK).
+                None => (in_memory(decoded, space)?, true),
+            }
         }
-        // Large decoded images (no shrink-on-load for the format, or a big output), 16-bit and
-        // unusual colour spaces: libvips' own resize, streaming from the decoder where it can.
-        None => {
-            let mut img = resize_exact(&decoded, target)?;
-            // Rotation and smart crop read the image out of order, which a sequential decode cannot
-            // serve: pull the resized (small) image into memory first. Here the decode happens.
-            let in_memory = rotate || smart;
-            if in_memory {
-                img = evaluate(&img, deadline, VipsImage::copy_memory, undecodable)?;
-            }
-            if rotate {
-                img = img.autorot().map_err(internal)?;
-            }
-            if let Some(c) = centre_crop {
-                img = cut(&img, c)?;
-            }
-            (img, in_memory)
+        PixelPath::VipsInMemory { space } => (in_memory(decoded, space)?, true),
+        PixelPath::VipsStreaming => {
+            let smart_or_turned = rotate || smart;
+            let img = vips_streaming(
+                &decoded,
+                target,
+                rotate,
+                smart_or_turned,
+                centre_crop,
+                deadline,
+            )?;
+            (img, smart_or_turned)
         }
     };
     if let (true, Some(c)) = (smart, plan.crop) {
@@ -614,6 +595,66 @@ fn render_with(
         width: out.width,
         height: out.height,
     })
+}
+
+/// Which code computes a render's resized pixels; [`PixelPath::choose`] decides from the decoded
+/// image alone, and `render_with` has one branch per path.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum PixelPath {
+    /// libjpeg-turbo decodes the pixels (only the columns a centre crop keeps, when stored
+    /// upright) and [`resample`] resizes them: a JPEG whose decoded image is small and must be
+    /// resampled, the usual case.
+    DirectJpeg {
+        /// The colour space to label the result with.
+        space: &'static str,
+    },
+    /// libvips decodes into memory (or on this thread, into one region) and [`resample`] resizes:
+    /// small decoded images of the other formats, and JPEGs that need no resample.
+    VipsInMemory {
+        /// The colour space to label the result with.
+        space: &'static str,
+    },
+    /// libvips decodes and resizes, streaming from the decoder: decoded images over
+    /// [`RESAMPLE_MAX_PIXELS`], 16-bit and unusual colour spaces.
+    VipsStreaming,
+}
+
+impl PixelPath {
+    /// `space`: what [`resample_space`] says of the decoded image (`None`: `resample` cannot take
+    /// it); `direct_jpeg`: a JPEG libjpeg-turbo may decode; `resamples`: the decoded size is not the
+    /// resized size.
+    fn choose(space: Option<&'static str>, direct_jpeg: bool, resamples: bool) -> PixelPath {
+        match space {
+            None => PixelPath::VipsStreaming,
+            Some(space) if direct_jpeg && resamples => PixelPath::DirectJpeg { space },
+            Some(space) => PixelPath::VipsInMemory { space },
+        }
+    }
+}
+
+/// [`PixelPath::VipsStreaming`]: libvips' resize to `target` (stored orientation), streaming from
+/// the decoder. Rotation and smart crop read the image out of order, which a sequential decode
+/// cannot serve: with `in_memory` the resized (small) image is pulled into memory first, and that is
+/// where the decode happens. Then it is turned upright and the centre `crop` cut.
+fn vips_streaming(
+    decoded: &VipsImage,
+    target: Size,
+    rotate: bool,
+    in_memory: bool,
+    crop: Option<CropBox>,
+    deadline: &Deadline,
+) -> Result<VipsImage, ImageError> {
+    let mut img = resize_exact(decoded, target)?;
+    if in_memory {
+        img = evaluate(&img, deadline, VipsImage::copy_memory, undecodable)?;
+    }
+    if rotate {
+        img = img.autorot().map_err(internal)?;
+    }
+    if let Some(c) = crop {
+        img = cut(&img, c)?;
+    }
+    Ok(img)
 }
 
 /// Runs one libvips evaluation of `img` (`copy_memory` or an encoder), stopped once `deadline` has
@@ -2516,5 +2557,25 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn one_pixel_path_per_kind_of_decoded_image() {
+        use PixelPath::*;
+        assert_eq!(PixelPath::choose(None, true, true), VipsStreaming);
+        assert_eq!(PixelPath::choose(None, false, false), VipsStreaming);
+        assert_eq!(
+            PixelPath::choose(Some("srgb"), true, true),
+            DirectJpeg { space: "srgb" }
+        );
+        // A JPEG already at its resized size, or another format: libvips decodes.
+        assert_eq!(
+            PixelPath::choose(Some("srgb"), true, false),
+            VipsInMemory { space: "srgb" }
+        );
+        assert_eq!(
+            PixelPath::choose(Some("b-w"), false, true),
+            VipsInMemory { space: "b-w" }
+        );
     }
 }

@@ -209,18 +209,20 @@ async fn idle_sockets_never_keep_health_from_answering() {
     let origin = Origin::start().await;
     origin.put("product/image/1", fixtures::jpeg(64, 48, 85));
     let server = support::start_with_origin(&origin, &[]).await;
+    // Client and server sockets both live in this process: room for them.
+    rlimit::increase_nofile_limit(u64::MAX).expect("open-files limit");
     let mut idle = Vec::new();
     for _ in 0..300 {
         idle.push(TcpStream::connect(server.addr).await.expect("connect"));
     }
-    for _ in 0..100 {
+    // More idle sockets than the status port's budget: the health probe gets in anyway.
+    for _ in 0..image_server::server::STATUS_MAX_CONNECTIONS + 100 {
         idle.push(
             TcpStream::connect(server.status_addr)
                 .await
                 .expect("connect"),
         );
     }
-    // 100 idle sockets are more than the status port's budget: the health probe gets in anyway.
     let health = tokio::time::timeout(
         Duration::from_secs(5),
         get_raw(server.status_addr, "/health"),
