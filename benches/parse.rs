@@ -1,5 +1,8 @@
 //! Criterion bench: parsing and canonicalising request URLs (step 2 of the request flow).
 
+// criterion's macros define undocumented functions; a bench binary has no API to document.
+#![allow(missing_docs)]
+
 use criterion::{criterion_group, criterion_main, Criterion};
 use image_server::request::{ImageRequest, Rules};
 use std::hint::black_box;

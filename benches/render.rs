@@ -8,6 +8,9 @@
 //!
 //! Run: `cargo bench --bench render -- --warm-up-time 1 --measurement-time 5`.
 
+// criterion's macros define undocumented functions; a bench binary has no API to document.
+#![allow(missing_docs)]
+
 use criterion::{criterion_group, criterion_main, Criterion};
 use image_server::image::vips;
 use image_server::image::{DecodeLimits, Gravity, RenderSpec};
