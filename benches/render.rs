@@ -12,23 +12,11 @@
 #![allow(missing_docs)]
 
 use criterion::{criterion_group, criterion_main, Criterion};
+use image_server::image::fixtures::spec;
 use image_server::image::vips;
 use image_server::image::{DecodeLimits, Gravity, RenderSpec};
 use image_server::request::{Format, Version};
 use std::hint::black_box;
-
-fn spec(version: Version, format: Format) -> RenderSpec {
-    RenderSpec {
-        version,
-        format,
-        quality: 80,
-        gravity: Gravity::Centre,
-        enlarge: true,
-        background: [255, 255, 255],
-        progressive: true,
-        avif_effort: 0,
-    }
-}
 
 fn render(c: &mut Criterion) {
     vips::init(false).expect("libvips init");

@@ -63,8 +63,7 @@ fn main() -> ExitCode {
 /// without binding a port or starting libvips; the connection budget checked against the open-files
 /// limit; `--print` adds the settings in force.
 fn check_config(config: Config, args: &CheckConfigArgs) -> ExitCode {
-    let outbound = (config.download_concurrency + config.upload_concurrency) as u64;
-    if let (_, Some(warning)) = server::fit_connections(config.max_connections, outbound) {
+    if let (_, Some(warning)) = server::fit_connections(&config) {
         println!("warning: {warning}");
     }
     let settings = args.print.then(|| config.describe());
@@ -108,9 +107,7 @@ async fn serve(mut config: Config) -> anyhow::Result<ExitCode> {
         port: config.statsd_port,
         prefix: config.statsd_prefix.clone(),
     }));
-    // Outbound connections (downloads, result-store writers) need descriptors too.
-    let outbound = (config.download_concurrency + config.upload_concurrency) as u64;
-    let (max_connections, warning) = server::fit_connections(config.max_connections, outbound);
+    let (max_connections, warning) = server::fit_connections(&config);
     if let Some(warning) = warning {
         tracing::warn!("{warning}");
     }

@@ -100,22 +100,9 @@ pub fn estimate(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::image::fixtures::spec;
     use crate::image::markers::Component;
-    use crate::image::Gravity;
     use crate::request::Version;
-
-    fn spec(version: Version, format: Format) -> RenderSpec {
-        RenderSpec {
-            version,
-            format,
-            quality: 80,
-            gravity: Gravity::Centre,
-            enlarge: true,
-            background: [255; 3],
-            progressive: true,
-            avif_effort: 2,
-        }
-    }
 
     fn jpeg(w: u32, h: u32, progressive: bool) -> Inspection {
         Inspection {

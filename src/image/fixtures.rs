@@ -306,3 +306,18 @@ pub fn gif_animated(w: u32, h: u32, frames: u32) -> Vec<u8> {
     let _ = strip.set_array_int("delay", &vec![100; pages.len()]);
     ok(strip.gifsave_buffer())
 }
+
+/// The render settings tests and benches use unless they test a setting: quality 80, centre crop,
+/// enlarging allowed, white background, progressive JPEG, the fastest AVIF effort.
+pub fn spec(version: crate::request::Version, format: crate::request::Format) -> super::RenderSpec {
+    super::RenderSpec {
+        version,
+        format,
+        quality: 80,
+        gravity: super::Gravity::Centre,
+        enlarge: true,
+        background: [255, 255, 255],
+        progressive: true,
+        avif_effort: 0,
+    }
+}

@@ -431,14 +431,8 @@ mod tests {
 
     fn spec() -> RenderSpec {
         RenderSpec {
-            version: crate::request::Version::Width(8),
-            format: Format::Jpeg,
-            quality: 80,
-            gravity: Gravity::Centre,
             enlarge: false,
-            background: [255, 255, 255],
-            progressive: true,
-            avif_effort: 0,
+            ..fixtures::spec(crate::request::Version::Width(8), Format::Jpeg)
         }
     }
 

@@ -1289,25 +1289,12 @@ mod tests {
     //! (size) box instead of decoding, so these tests do not depend on the HEIF loader being unblocked.
 
     use super::*;
-    use crate::image::fixtures;
+    use crate::image::fixtures::{self, spec};
     use crate::request::Version;
     use std::time::{Duration, Instant};
 
     fn setup() {
         init(false).expect("libvips init");
-    }
-
-    fn spec(version: Version, format: Format) -> RenderSpec {
-        RenderSpec {
-            version,
-            format,
-            quality: 80,
-            gravity: Gravity::Centre,
-            enlarge: true,
-            background: [255, 255, 255],
-            progressive: true,
-            avif_effort: 0,
-        }
     }
 
     fn limits() -> DecodeLimits {

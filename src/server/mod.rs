@@ -23,6 +23,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 
 use crate::app::App;
+use crate::config::Config;
 use crate::metrics as m;
 use crate::service::Body;
 
@@ -82,14 +83,16 @@ async fn publish_gauges(app: Arc<App>, mut stop: watch::Receiver<bool>) {
 
 /// Raises the open-files soft limit to the hard limit and returns the `max_connections` that fits
 /// in it, with the warning to log when that is less than configured. Each client connection is one
-/// descriptor; the status port's budget and 64 more (listeners, origin and store connections, files) come off the top.
-pub fn fit_connections(max_connections: usize, extra_fds: u64) -> (usize, Option<String>) {
+/// descriptor; the status port's budget, the outbound connections (`download_concurrency` and
+/// `upload_concurrency`) and 64 more (listeners, files) come off the top.
+pub fn fit_connections(config: &Config) -> (usize, Option<String>) {
     let limit = match rlimit::increase_nofile_limit(u64::MAX) {
         Ok(limit) => limit,
         // No such limit on this platform: nothing to fit.
-        Err(_) => return (max_connections, None),
+        Err(_) => return (config.max_connections, None),
     };
-    connections_within(max_connections, extra_fds, limit)
+    let outbound = (config.download_concurrency + config.upload_concurrency) as u64;
+    connections_within(config.max_connections, outbound, limit)
 }
 
 /// [`fit_connections`] for a known open-files limit.

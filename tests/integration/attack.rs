@@ -11,25 +11,7 @@ use image_server::server::Running;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::support::{self, Origin};
-
-/// A counter from the status port's Prometheus page (`a.b.c` is written `a_b_c`), 0 when absent.
-async fn counter(server: &Running, name: &str) -> f64 {
-    let text = support::client()
-        .get(format!("http://{}/metrics", server.status_addr))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("metrics text");
-    let name = name.replace('.', "_");
-    text.lines()
-        .filter_map(|l| l.split_once(' '))
-        .find(|(n, _)| *n == name || *n == format!("{name}_total"))
-        .and_then(|(_, v)| v.trim().parse().ok())
-        .unwrap_or(0.0)
-}
+use crate::support::{self, counter, Origin};
 
 /// Waits (at most `within`) until `name` has grown by `by` over `before`.
 async fn counter_reaches(server: &Running, name: &str, before: f64, by: f64, within: Duration) {

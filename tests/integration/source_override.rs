@@ -363,23 +363,7 @@ async fn refusals_are_counted() {
     let origin = Origin::start().await;
     let resolver = TableResolver::new(&[]);
     let server = start_guarded(&origin, "img.test", &resolver, &[]).await;
-    let count = |text: &str| -> u64 {
-        text.lines()
-            .filter(|l| l.starts_with("rejected") && l.contains("source_refused"))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum::<f64>() as u64
-    };
-    let metrics = || async {
-        support::client()
-            .get(format!("http://{}/metrics", server.status_addr))
-            .send()
-            .await
-            .expect("metrics")
-            .text()
-            .await
-            .expect("text")
-    };
-    let before = count(&metrics().await);
+    let before = support::counter(&server, "rejected.source_refused").await as u64;
     for _ in 0..3 {
         forbidden(
             &server,
@@ -387,7 +371,7 @@ async fn refusals_are_counted() {
         )
         .await;
     }
-    let after = count(&metrics().await);
+    let after = support::counter(&server, "rejected.source_refused").await as u64;
     assert!(after >= before + 3, "{before} → {after}");
     server.stop().await.expect("stops");
 }

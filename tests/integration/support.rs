@@ -270,6 +270,24 @@ pub async fn get(server: &Running, path: &str) -> reqwest::Response {
         .expect("request")
 }
 
+/// A counter from the status port's Prometheus page (`a.b.c` is written `a_b_c`), 0 when absent.
+pub async fn counter(server: &Running, name: &str) -> f64 {
+    let text = client()
+        .get(format!("http://{}/metrics", server.status_addr))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("metrics text");
+    let name = name.replace('.', "_");
+    text.lines()
+        .filter_map(|l| l.split_once(' '))
+        .find(|(n, _)| *n == name || *n == format!("{name}_total"))
+        .and_then(|(_, v)| v.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
 /// The header's value as a string ("" when absent).
 pub fn header(resp: &reqwest::Response, name: &str) -> String {
     resp.headers()
