@@ -384,7 +384,7 @@ impl Processor {
         let deadline = Deadline::after(self.render_timeout);
         let handle = tokio::task::spawn_blocking(move || {
             let _held = (permit, reserved);
-            vips::render_within(&original, &spec, &limits, &deadline)
+            vips::render_within(&original, &spec, &limits, &deadline, &inspection)
         });
         handle
             .await

@@ -420,20 +420,35 @@ pub fn render(
         limits,
         JpegPixels::Direct,
         &Deadline::none(),
+        Scans::Count,
     )
 }
 
-/// [`render`], stopped with [`ImageError::Timeout`] once `deadline` has passed: the direct JPEG
-/// decode checks it from libjpeg's progress monitor, libvips' evaluation from its `eval` signal
-/// (see `EvalWatch`). Encoders that cannot be interrupted (the AV1 encoder) run to their end; the
-/// AVIF output ceiling bounds them instead.
+/// [`render`] of an original [`inspect`] has passed (`inspected`), stopped with
+/// [`ImageError::Timeout`] once `deadline` has passed: the direct JPEG decode checks it from
+/// libjpeg's progress monitor, libvips' evaluation from its `eval` signal (see `EvalWatch`).
+/// Encoders that cannot be interrupted (the AV1 encoder) run to their end; the AVIF output ceiling
+/// bounds them instead. A JPEG's scans, counted by `inspect`, are not walked again.
 pub fn render_within(
     original: &[u8],
     spec: &RenderSpec,
     limits: &DecodeLimits,
     deadline: &Deadline,
+    inspected: &Inspection,
 ) -> Result<Rendered, ImageError> {
-    render_with(original, spec, limits, JpegPixels::Direct, deadline)
+    let scans = if inspected.jpeg.is_some() {
+        Scans::Counted
+    } else {
+        Scans::Count
+    };
+    render_with(original, spec, limits, JpegPixels::Direct, deadline, scans)
+}
+
+/// Whether [`render_with`] must still count a JPEG's scans, or [`inspect`] already did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Scans {
+    Count,
+    Counted,
 }
 
 /// Who decodes a JPEG's pixels on the in-memory resample path.
@@ -452,6 +467,7 @@ fn render_with(
     limits: &DecodeLimits,
     jpeg_pixels: JpegPixels,
     deadline: &Deadline,
+    scans: Scans,
 ) -> Result<Rendered, ImageError> {
     ensure_init()?;
     let kind = sniff(original).ok_or(ImageError::UnsupportedFormat)?;
@@ -459,8 +475,8 @@ fn render_with(
         return Err(ImageError::UnsupportedFormat);
     }
     // Every JPEG path (the direct decode and libvips' loader) is behind the scan limit, whoever
-    // calls; the processor has usually checked already, and the walk costs a memory scan.
-    if kind == Kind::Jpeg {
+    // calls: counted here unless `inspect` did (the processor always inspects first).
+    if kind == Kind::Jpeg && scans == Scans::Count {
         jpeg_markers(original, limits)?;
     }
     // SAFETY (this and the loads below): every image made in this function is dropped before it
@@ -2152,6 +2168,7 @@ mod tests {
                         &limits(),
                         JpegPixels::Direct,
                         &Deadline::none(),
+                        Scans::Count,
                     )
                     .expect("direct");
                     let taken = THREAD_DIRECT_JPEG.with(Cell::get) - before;
@@ -2161,6 +2178,7 @@ mod tests {
                         &limits(),
                         JpegPixels::Libvips,
                         &Deadline::none(),
+                        Scans::Count,
                     )
                     .expect("libvips");
                     assert_eq!(taken, 1, "{name} {version} {format:?}: direct decode taken");
@@ -2204,6 +2222,7 @@ mod tests {
                     &limits(),
                     JpegPixels::Direct,
                     &Deadline::none(),
+                    Scans::Count,
                 )
                 .map(|_| ());
                 let libvips = render_with(
@@ -2212,6 +2231,7 @@ mod tests {
                     &limits(),
                     JpegPixels::Libvips,
                     &Deadline::none(),
+                    Scans::Count,
                 )
                 .map(|_| ());
                 assert_eq!(
@@ -2509,7 +2529,14 @@ mod tests {
         let deadline = Deadline::after(std::time::Duration::from_millis(20));
         let started = std::time::Instant::now();
         assert_eq!(
-            render_within(&photo, &spec, &limits(), &deadline).map(|_| ()),
+            render_within(
+                &photo,
+                &spec,
+                &limits(),
+                &deadline,
+                &inspect(&photo, &limits()).expect("inspect")
+            )
+            .map(|_| ()),
             Err(ImageError::Timeout)
         );
         println!("stopped after {:?}", started.elapsed());
@@ -2538,7 +2565,15 @@ mod tests {
             for version in [Version::Width(40), Version::FullSize] {
                 let s = spec(version, Format::Jpeg);
                 assert_eq!(
-                    render_with(&progressive, &s, &strict, pixels, &Deadline::none()).map(|_| ()),
+                    render_with(
+                        &progressive,
+                        &s,
+                        &strict,
+                        pixels,
+                        &Deadline::none(),
+                        Scans::Count
+                    )
+                    .map(|_| ()),
                     Err(ImageError::TooManyScans),
                     "{pixels:?} {version:?}"
                 );
