@@ -13,7 +13,7 @@
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use image_server::image::fixtures::spec;
-use image_server::image::vips;
+use image_server::image::{render, vips};
 use image_server::image::{DecodeLimits, Gravity, RenderSpec};
 use image_server::request::{Format, Version};
 use std::hint::black_box;
@@ -62,7 +62,7 @@ fn render(c: &mut Criterion) {
     for (name, spec) in cases {
         group.bench_function(name, |b| {
             b.iter(|| {
-                vips::render(black_box(&original), black_box(&spec), &limits).expect("render")
+                render::render(black_box(&original), black_box(&spec), &limits).expect("render")
             })
         });
     }

@@ -4,7 +4,7 @@
 //! Any outcome but a panic or a crash is fine: errors are how bad input is meant to end.
 #![no_main]
 
-use image_server::image::vips;
+use image_server::image::{render, vips};
 use image_server::image::{DecodeLimits, Gravity, RenderSpec};
 use image_server::request::{Format, Version};
 use libfuzzer_sys::fuzz_target;
@@ -43,7 +43,7 @@ fuzz_target!(|data: &[u8]| {
         progressive: true,
         avif_effort: 0,
     };
-    if let Ok(out) = vips::render(data, &spec, &LIMITS) {
+    if let Ok(out) = render::render(data, &spec, &LIMITS) {
         assert!(!out.bytes.is_empty(), "empty encode");
     }
 });

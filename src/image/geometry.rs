@@ -60,7 +60,7 @@ pub struct CropBox {
     pub height: u32,
 }
 
-/// What [`super::vips::render`] must do to one original for one version.
+/// What [`super::render::render`] must do to one original for one version.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Plan {
     /// JPEG shrink-on-load factor (1, 2, 4 or 8): the largest that still decodes at least
@@ -139,7 +139,7 @@ fn layout(version: &Version, source: Size, enlarge: bool) -> (Size, Size) {
 
 /// The JPEG shrink-on-load factor: the largest of 8, 4, 2, 1 that keeps the decoded image (stored
 /// orientation) at least `needed` on both sides. libvips 8.14 rounds a shrunk side down
-/// (`floor(stored / s)`, checked in `vips::tests::loader_options_take_effect`), so the test is
+/// (`floor(stored / s)`, checked in `render::tests::loader_options_take_effect`), so the test is
 /// `stored >= needed × s`.
 pub fn jpeg_shrink(stored: Size, needed: Size) -> u32 {
     [8u32, 4, 2]
@@ -171,7 +171,7 @@ pub fn centre_crop(resized: Size, output: Size) -> CropBox {
     }
 }
 
-/// Everything [`super::vips::render`] needs for one original (`stored`: its size as the pixels are
+/// Everything [`super::render::render`] needs for one original (`stored`: its size as the pixels are
 /// stored, `orientation`: its EXIF orientation 1–8, anything else meaning 1).
 pub fn plan(version: &Version, stored: Size, orientation: u8, enlarge: bool) -> Plan {
     let sideways = swaps_sides(orientation);

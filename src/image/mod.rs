@@ -14,6 +14,7 @@ pub mod fixtures;
 pub mod geometry;
 pub mod jpeg;
 pub mod markers;
+pub mod render;
 pub mod resample;
 pub mod vips;
 pub mod webp;
@@ -384,7 +385,7 @@ impl Processor {
         let deadline = Deadline::after(self.render_timeout);
         let handle = tokio::task::spawn_blocking(move || {
             let _held = (permit, reserved);
-            vips::render_within(&original, &spec, &limits, &deadline, &inspection)
+            render::render_within(&original, &spec, &limits, &deadline, &inspection)
         });
         handle
             .await

@@ -1,7 +1,7 @@
 //! Step 3c of the request flow, the resampling half of rendering: the resize after shrink-on-load,
 //! done on 8-bit pixels in memory with `fast_image_resize` (SIMD separable convolution, Lanczos3).
 //!
-//! No libvips here. [`super::vips::render`] decodes (with the JPEG `shrink` / WebP `scale` doing the
+//! No libvips here. [`super::render::render`] decodes (with the JPEG `shrink` / WebP `scale` doing the
 //! bulk of the reduction; JPEG pixels through [`super::jpeg`]) the upright image in one piece on the
 //! render thread and hands its interleaved bytes to [`resample`]; it wraps the bytes that come back
 //! as a libvips image again for the colour conversion, smart crop and encoder. A centre crop is folded into the resize as a
