@@ -19,6 +19,7 @@
 //! status port. `docs/architecture.md` tells the same story with the decisions each step makes.
 
 pub mod app;
+pub mod budget;
 pub mod cache;
 pub mod cli;
 pub mod commands;

@@ -19,7 +19,7 @@ use crate::app::App;
 use crate::cache::Tier;
 use crate::error::Error;
 use crate::metrics as m;
-use crate::pipeline::Served;
+use crate::pipeline::{Origin, Served};
 use crate::request::{Format, ImageRequest};
 use crate::source::guard::{Refusal, SourceUrl};
 
@@ -120,7 +120,11 @@ impl App {
         }
         let source = self.source_override(req.uri().query())?;
         let (format, negotiated) = self.pick_format(&parsed, req.headers());
-        let serve = self.pipeline.serve_from(&parsed, format, source.as_ref());
+        let origin = match source {
+            Some(url) => Origin::Override(url),
+            None => Origin::Configured,
+        };
+        let serve = self.pipeline.serve_from(&parsed, format, &origin);
         let served = tokio::time::timeout(self.config.request_timeout, serve)
             .await
             .map_err(|_| Error::Timeout)??;

@@ -20,10 +20,7 @@ impl App {
     /// Sets the `processing.current`, `downloads.current` and `queue.depth` gauges from the live
     /// counters (on every `/metrics` scrape, and once a second from the server for statsd).
     pub fn publish_gauges(&self) {
-        let stats = self.pipeline.stats();
-        m::gauge(m::PROCESSING_CURRENT, stats.processing_current as f64);
-        m::gauge(m::DOWNLOADS_CURRENT, stats.downloads_current as f64);
-        m::gauge(m::QUEUE_DEPTH, stats.queue_depth as f64);
+        self.pipeline.stats().publish();
     }
 
     /// Answers one request on the status port.

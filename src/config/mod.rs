@@ -264,20 +264,6 @@ impl Config {
         }
     }
 
-    /// The render pool's sizes and budgets.
-    pub fn pool(&self) -> crate::image::PoolConfig {
-        crate::image::PoolConfig {
-            concurrency: self.processing_concurrency,
-            queue_size: self.queue_size,
-            staged: self.download_concurrency,
-            avif_concurrency: self.avif_concurrency,
-            avif_queue_size: self.avif_queue_size,
-            memory_bytes: self.max_memory_bytes,
-            render_timeout: self.render_timeout,
-            max_avif_pixels: self.max_avif_output_pixels,
-        }
-    }
-
     /// The settings in force, for the status page and `check-config`. Secrets appear only as
     /// whether they are set; credentials in `source_domain` are removed.
     pub fn describe(&self) -> serde_json::Value {

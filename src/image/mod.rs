@@ -1,12 +1,10 @@
 //! Step 3c of the request flow: rendering, off the async runtime.
 //!
-//! Owns the bounded processing pool (docs/architecture.md): at most `processing_concurrency` renders run at once on
-//! tokio's blocking threads, at most `queue_size` more wait, and beyond that a request is refused with
-//! [`ImageError::Overloaded`] (503) instead of queueing without bound; of those waiting, at most
-//! `download_concurrency` fetch and hold their original ([`Processor::stage`]). AVIF encodes also take a
-//! permit from their own small pool so AVIF traffic cannot starve JPEG traffic. The libvips calls themselves
-//! live in [`vips`] (the only file that touches libvips); the pure size arithmetic in [`geometry`]; the
-//! SIMD resize of decoded 8-bit pixels in [`resample`].
+//! Owns the processing pool: renders run on tokio's blocking threads, each within the bounds of
+//! [`crate::budget`] (queue places, slots, AVIF slots, memory), refused with
+//! [`ImageError::Overloaded`] (503) when the queue is full instead of queueing without bound. One
+//! render is [`render`]; the libvips calls live in [`vips`] (the only file that touches libvips);
+//! the pure size arithmetic in [`geometry`]; the SIMD resize of decoded 8-bit pixels in [`resample`].
 
 pub mod cost;
 #[cfg(any(test, feature = "test-support"))]
@@ -19,13 +17,13 @@ pub mod resample;
 pub mod vips;
 pub mod webp;
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use tokio::sync::Semaphore;
 
+use crate::budget::{BudgetError, Budgets, Ticket};
 use crate::request::{Format, Version};
 
 /// Where the crop window sits when a cover resize cuts the image (`crop_gravity`).
@@ -162,159 +160,54 @@ pub enum ImageError {
     Internal(String),
 }
 
-/// How the pool is sized (from the configuration).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct PoolConfig {
-    /// `processing_concurrency`: renders at once.
-    pub concurrency: usize,
-    /// `queue_size`: renders waiting for a slot (every format but AVIF).
-    pub queue_size: usize,
-    /// `download_concurrency`: admitted renders that may fetch and hold their original while waiting.
-    pub staged: usize,
-    /// `avif_concurrency`: AVIF encodes at once.
-    pub avif_concurrency: usize,
-    /// `avif_queue_size`: AVIF renders waiting for an AVIF slot.
-    pub avif_queue_size: usize,
-    /// `max_memory_mb`, in bytes: what all renders may reserve at once.
-    pub memory_bytes: u64,
-    /// `render_timeout`: how long a render may run once it has its slot.
-    pub render_timeout: Duration,
-    /// `max_avif_output_pixels`.
-    pub max_avif_pixels: u64,
-}
-
-impl PoolConfig {
-    /// A pool of `concurrency` slots and otherwise default sizes (tests, benches).
-    pub fn with_concurrency(concurrency: usize) -> PoolConfig {
-        PoolConfig {
-            concurrency,
-            queue_size: 4 * concurrency,
-            staged: 16,
-            avif_concurrency: 1,
-            avif_queue_size: 4,
-            memory_bytes: 1 << 30,
-            render_timeout: Duration::from_secs(8),
-            max_avif_pixels: 2048 * 2048,
+impl From<BudgetError> for ImageError {
+    fn from(e: BudgetError) -> ImageError {
+        match e {
+            BudgetError::Overloaded => ImageError::Overloaded,
+            BudgetError::OverMemory => ImageError::OverMemoryBudget,
         }
     }
 }
 
-/// The memory budget is counted in KiB permits: a `u32` of them covers 4 TiB, and a KiB is far below
-/// any estimate's precision.
-const MEMORY_UNIT: u64 = 1024;
-
-/// The bounded processing pool.
+/// The render pool: renders on tokio's blocking threads, within the [`Budgets`].
 #[derive(Debug)]
 pub struct Processor {
-    permits: Arc<Semaphore>,
-    /// Admitted renders that may hold (or be fetching) their original while they wait for the pool;
-    /// see [`Processor::stage`].
-    staging: Arc<Semaphore>,
-    avif_permits: Arc<Semaphore>,
-    /// `max_memory_mb` in [`MEMORY_UNIT`] permits; see [`cost`].
-    memory: Arc<Semaphore>,
-    memory_units: u64,
+    budgets: Arc<Budgets>,
     limits: DecodeLimits,
-    /// Renders admitted to the shared queue (running, waiting, or fetching their original); bounded
-    /// by `concurrency + queue_size`.
-    admitted: Arc<AtomicUsize>,
-    capacity: usize,
-    /// AVIF renders admitted to their own queue; bounded by `avif_concurrency + avif_queue_size`.
-    avif_admitted: Arc<AtomicUsize>,
-    avif_capacity: usize,
-    concurrency: usize,
     render_timeout: Duration,
     max_avif_pixels: u64,
     total: AtomicU64,
     abandoned: AtomicU64,
 }
 
-/// One admitted place in the pool's queue, taken before the original is fetched (so a request that
-/// would be refused with 503 costs no download) and released on drop, so a cancelled request frees
-/// its place.
-#[derive(Debug)]
-pub struct Admission(Arc<AtomicUsize>);
-
-impl Drop for Admission {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
-/// A staging place ([`Processor::stage`]), released on drop.
-#[derive(Debug)]
-pub struct Staged {
-    _permit: tokio::sync::OwnedSemaphorePermit,
-}
-
 impl Processor {
-    /// A pool sized by `pool`, refusing originals beyond `limits`.
-    pub fn new(pool: PoolConfig, limits: DecodeLimits) -> Processor {
-        let concurrency = pool.concurrency.max(1);
-        let avif_concurrency = pool.avif_concurrency.max(1);
-        let memory_units = (pool.memory_bytes / MEMORY_UNIT).clamp(1, u64::from(u32::MAX));
+    /// A pool working within `budgets`, refusing originals beyond `limits`, stopping each render
+    /// `render_timeout` after it got its slot, refusing AVIF outputs over `max_avif_pixels`.
+    pub fn new(
+        budgets: Arc<Budgets>,
+        limits: DecodeLimits,
+        render_timeout: Duration,
+        max_avif_pixels: u64,
+    ) -> Processor {
         Processor {
-            permits: Arc::new(Semaphore::new(concurrency)),
-            staging: Arc::new(Semaphore::new(pool.staged.max(1))),
-            avif_permits: Arc::new(Semaphore::new(avif_concurrency)),
-            memory: Arc::new(Semaphore::new(
-                usize::try_from(memory_units).unwrap_or(usize::MAX >> 4),
-            )),
-            memory_units,
+            budgets,
             limits,
-            admitted: Arc::new(AtomicUsize::new(0)),
-            capacity: concurrency + pool.queue_size,
-            avif_admitted: Arc::new(AtomicUsize::new(0)),
-            avif_capacity: avif_concurrency + pool.avif_queue_size,
-            concurrency,
-            render_timeout: pool.render_timeout,
-            max_avif_pixels: pool.max_avif_pixels,
+            render_timeout,
+            max_avif_pixels,
             total: AtomicU64::new(0),
             abandoned: AtomicU64::new(0),
         }
     }
 
-    /// Renders `original` to `spec` on a blocking thread, waiting for a permit if the pool is busy and
+    /// Renders `original` to `spec` on a blocking thread, waiting for a slot if the pool is busy and
     /// refusing at once when the queue is full. Dropping the future releases its place.
     pub async fn render(&self, original: Bytes, spec: RenderSpec) -> Result<Rendered, ImageError> {
-        let admission = self.admit(spec.format)?;
-        self.render_admitted(admission, None, original, spec, &|| true)
-            .await
+        let ticket = self.budgets.admit(spec.format)?;
+        self.render_admitted(ticket, original, spec, &|| true).await
     }
 
-    /// Takes a place in the queue for `format` now (AVIF has its own), or refuses at once when the
-    /// pool and that queue are full.
-    pub fn admit(&self, format: Format) -> Result<Admission, ImageError> {
-        let (count, capacity) = if format == Format::Avif {
-            (&self.avif_admitted, self.avif_capacity)
-        } else {
-            (&self.admitted, self.capacity)
-        };
-        let before = count.fetch_add(1, Ordering::AcqRel);
-        let admission = Admission(count.clone());
-        if before >= capacity {
-            return Err(ImageError::Overloaded);
-        }
-        Ok(admission)
-    }
-
-    /// Waits for one of the `staged` places that let an admitted render fetch its original before the
-    /// pool has a slot for it; the place is given back when the render starts (or the request goes
-    /// away). Without it every admitted request holds its original while it queues: with
-    /// `queue_size=64` and 32 connections that was 30 idle 2 MB originals, most of W1's peak RSS at
-    /// c = 32 (149 MB). Sized like `download_concurrency`, it never stops more downloads than that
-    /// limit already does.
-    pub async fn stage(&self) -> Result<Staged, ImageError> {
-        self.staging
-            .clone()
-            .acquire_owned()
-            .await
-            .map(|permit| Staged { _permit: permit })
-            .map_err(|_| ImageError::Overloaded)
-    }
-
-    /// Renders with a place taken earlier by [`Processor::admit`], and the staging place its original
-    /// was fetched under.
+    /// Renders with a `ticket` taken earlier from [`Budgets::admit`] (and staged, when the original
+    /// was fetched under it).
     ///
     /// In order, each step before the next may make it wait or refuse:
     /// 1. **inspect** the header and a JPEG's markers on a blocking thread, without a slot: a format
@@ -333,13 +226,11 @@ impl Processor {
     /// pool and memory bounds stay true.
     pub async fn render_admitted(
         &self,
-        admission: Admission,
-        mut staged: Option<Staged>,
+        mut ticket: Ticket,
         original: Bytes,
         spec: RenderSpec,
         wanted: &(dyn Fn() -> bool + Sync),
     ) -> Result<Rendered, ImageError> {
-        let _admission = admission;
         let limits = self.limits;
         let inspection = {
             let original = original.clone();
@@ -348,35 +239,16 @@ impl Processor {
                 .map_err(|e| ImageError::Internal(format!("inspect task: {e}")))??
         };
         let cost = cost::estimate(&inspection, &spec, self.max_avif_pixels)?;
-        let units = cost.bytes.div_ceil(MEMORY_UNIT);
-        if units > self.memory_units {
-            return Err(ImageError::OverMemoryBudget);
-        }
+        let budgets = &self.budgets;
         let _avif = if spec.format == Format::Avif {
-            staged = None;
-            Some(
-                self.avif_permits
-                    .clone()
-                    .acquire_owned()
-                    .await
-                    .map_err(|_| ImageError::Overloaded)?,
-            )
+            ticket.unstage();
+            Some(budgets.avif_slot().await)
         } else {
             None
         };
-        let reserved = self
-            .memory
-            .clone()
-            .acquire_many_owned(u32::try_from(units).unwrap_or(u32::MAX))
-            .await
-            .map_err(|_| ImageError::Overloaded)?;
-        let permit = self
-            .permits
-            .clone()
-            .acquire_owned()
-            .await
-            .map_err(|_| ImageError::Overloaded)?;
-        drop(staged);
+        let reserved = budgets.reserve(cost.bytes).await?;
+        let slot = budgets.slot().await;
+        ticket.unstage();
         if !wanted() {
             self.abandoned.fetch_add(1, Ordering::Relaxed);
             return Err(ImageError::Abandoned);
@@ -384,7 +256,7 @@ impl Processor {
         self.total.fetch_add(1, Ordering::Relaxed);
         let deadline = Deadline::after(self.render_timeout);
         let handle = tokio::task::spawn_blocking(move || {
-            let _held = (permit, reserved);
+            let _held = (slot, reserved);
             render::render_within(&original, &spec, &limits, &deadline, &inspection)
         });
         handle
@@ -392,26 +264,14 @@ impl Processor {
             .map_err(|e| ImageError::Internal(format!("render task: {e}")))?
     }
 
-    /// Renders running now.
-    pub fn current(&self) -> usize {
-        self.concurrency - self.permits.available_permits().min(self.concurrency)
-    }
-
-    /// Renders admitted (to either queue) but not running.
-    pub fn queue_depth(&self) -> usize {
-        (self.admitted.load(Ordering::Acquire) + self.avif_admitted.load(Ordering::Acquire))
-            .saturating_sub(self.current())
+    /// The budgets this pool works within.
+    pub fn budgets(&self) -> &Arc<Budgets> {
+        &self.budgets
     }
 
     /// Queued renders dropped unstarted because every requester had gone.
     pub fn abandoned(&self) -> u64 {
         self.abandoned.load(Ordering::Relaxed)
-    }
-
-    /// Bytes of the memory budget reserved by renders now.
-    pub fn memory_reserved(&self) -> u64 {
-        let free = u64::try_from(self.memory.available_permits()).unwrap_or(u64::MAX);
-        self.memory_units.saturating_sub(free) * MEMORY_UNIT
     }
 
     /// Renders started since start-up.
@@ -428,7 +288,7 @@ impl Processor {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
+    use crate::budget::BudgetConfig;
 
     fn spec() -> RenderSpec {
         RenderSpec {
@@ -445,41 +305,55 @@ mod tests {
             .is_err()
     }
 
+    fn processor(sizes: BudgetConfig) -> Arc<Processor> {
+        vips::init(false).expect("libvips");
+        Arc::new(Processor::new(
+            Arc::new(Budgets::new(sizes)),
+            DecodeLimits::default(),
+            Duration::from_secs(8),
+            2048 * 2048,
+        ))
+    }
+
+    async fn staged(p: &Processor, format: Format) -> Ticket {
+        let mut ticket = p.budgets().admit(format).expect("admitted");
+        ticket.stage().await;
+        ticket
+    }
+
     /// At most `staged` admitted renders hold (or fetch) an original while the pool is busy; a queued
-    /// render keeps its place, and gives it back once it has run. (That it does so as soon as it gets
-    /// its slot, not at its end, is not observable here without a render that can be paused.)
+    /// render keeps its place, and gives it back once it has its slot.
     #[tokio::test]
     async fn staging_places_bound_originals_waiting_for_the_pool() {
-        vips::init(false).expect("libvips");
-        let pool = PoolConfig {
+        let p = processor(BudgetConfig {
             queue_size: 10,
             staged: 2,
-            ..PoolConfig::with_concurrency(1)
-        };
-        let p = Arc::new(Processor::new(pool, DecodeLimits::default()));
+            ..BudgetConfig::with_concurrency(1)
+        });
         // The pool's only slot, taken by hand: renders queue behind it.
-        let busy = p.permits.clone().acquire_owned().await.expect("slot");
-        let a = p.stage().await.expect("first place");
-        let b = p.stage().await.expect("second place");
-        assert!(pending(p.stage()).await, "a third original must wait");
+        let busy = p.budgets().slot().await;
+        let a = staged(&p, Format::Jpeg).await;
+        let b = staged(&p, Format::Jpeg).await;
+        assert!(
+            pending(staged(&p, Format::Jpeg)).await,
+            "a third original must wait"
+        );
 
         let original = Bytes::from(crate::image::fixtures::jpeg(64, 48, 85));
         let render = {
             let p = p.clone();
-            let admission = p.admit(Format::Jpeg).expect("admitted");
-            tokio::spawn(async move {
-                p.render_admitted(admission, Some(a), original, spec(), &|| true)
-                    .await
-            })
+            tokio::spawn(async move { p.render_admitted(a, original, spec(), &|| true).await })
         };
         // Queued behind the busy slot, the render still holds its place.
-        assert!(pending(p.stage()).await, "a queued render keeps its place");
+        assert!(
+            pending(staged(&p, Format::Jpeg)).await,
+            "a queued render keeps its place"
+        );
         drop(busy);
         // Its render starts and gives the place back.
-        let c = tokio::time::timeout(Duration::from_secs(10), p.stage())
+        let c = tokio::time::timeout(Duration::from_secs(10), staged(&p, Format::Jpeg))
             .await
-            .expect("a place frees when the render starts")
-            .expect("place");
+            .expect("a place frees when the render starts");
         let rendered = render.await.expect("task").expect("render");
         assert_eq!(rendered.width, 8);
         drop((b, c));
@@ -489,38 +363,26 @@ mod tests {
     /// requests cannot stop the other formats from fetching their originals.
     #[tokio::test]
     async fn avif_waiting_for_its_pool_gives_its_staging_place_back() {
-        vips::init(false).expect("libvips");
-        let pool = PoolConfig {
+        let p = processor(BudgetConfig {
             queue_size: 10,
             staged: 1,
-            ..PoolConfig::with_concurrency(1)
-        };
-        let p = Arc::new(Processor::new(pool, DecodeLimits::default()));
-        let avif_busy = p
-            .avif_permits
-            .clone()
-            .acquire_owned()
-            .await
-            .expect("avif slot");
-        let only = p.stage().await.expect("the only place");
+            ..BudgetConfig::with_concurrency(1)
+        });
+        let avif_busy = p.budgets().avif_slot().await;
+        let only = staged(&p, Format::Avif).await;
         let render = {
             let p = p.clone();
-            let admission = p.admit(Format::Avif).expect("admitted");
             let original = Bytes::from(crate::image::fixtures::jpeg(64, 48, 85));
             let avif = RenderSpec {
                 format: Format::Avif,
                 ..spec()
             };
-            tokio::spawn(async move {
-                p.render_admitted(admission, Some(only), original, avif, &|| true)
-                    .await
-            })
+            tokio::spawn(async move { p.render_admitted(only, original, avif, &|| true).await })
         };
         // Completes only if the AVIF render, stuck behind `avif_busy`, let its place go.
-        let place = tokio::time::timeout(Duration::from_secs(10), p.stage())
+        let place = tokio::time::timeout(Duration::from_secs(10), staged(&p, Format::Jpeg))
             .await
-            .expect("the AVIF waiter gives its place back")
-            .expect("place");
+            .expect("the AVIF waiter gives its place back");
         assert!(
             !render.is_finished(),
             "the AVIF render still waits for its pool"
@@ -530,46 +392,14 @@ mod tests {
         assert_eq!((rendered.format, rendered.width), (Format::Avif, 8));
     }
 
-    /// AVIF requests queue on their own: a full AVIF queue refuses AVIF only, and the shared queue
-    /// stays open to every other format.
-    #[test]
-    fn avif_has_its_own_queue() {
-        let pool = PoolConfig {
-            queue_size: 2,
-            avif_queue_size: 1,
-            ..PoolConfig::with_concurrency(1)
-        };
-        let p = Processor::new(pool, DecodeLimits::default());
-        // avif_concurrency 1 + avif_queue_size 1.
-        let a = p.admit(Format::Avif).expect("first AVIF");
-        let b = p.admit(Format::Avif).expect("second AVIF");
-        assert_eq!(
-            p.admit(Format::Avif).map(|_| ()),
-            Err(ImageError::Overloaded)
-        );
-        // concurrency 1 + queue_size 2, untouched by the AVIF waiters.
-        let jpegs: Vec<_> = (0..3)
-            .map(|_| p.admit(Format::Jpeg).expect("JPEG admitted"))
-            .collect();
-        assert_eq!(
-            p.admit(Format::Webp).map(|_| ()),
-            Err(ImageError::Overloaded)
-        );
-        assert_eq!(p.queue_depth(), 5);
-        drop((a, b, jpegs));
-        assert_eq!(p.queue_depth(), 0);
-    }
-
     /// A render whose estimate exceeds the whole memory budget is refused before it takes a slot;
     /// one within it reserves its estimate while it runs and gives it back.
     #[tokio::test]
     async fn the_memory_budget_refuses_what_can_never_fit() {
-        vips::init(false).expect("libvips");
-        let pool = PoolConfig {
+        let p = processor(BudgetConfig {
             memory_bytes: 4 << 20,
-            ..PoolConfig::with_concurrency(1)
-        };
-        let p = Processor::new(pool, DecodeLimits::default());
+            ..BudgetConfig::with_concurrency(1)
+        });
         // 2000x2000 at full size: 12 MB of RGB alone.
         let big = Bytes::from(crate::image::fixtures::jpeg(2000, 2000, 80));
         let full = RenderSpec {
@@ -584,6 +414,10 @@ mod tests {
         // w8 decodes at 1/8: 250x250, well within 4 MB.
         let small = p.render(big, spec()).await.expect("fits");
         assert_eq!(small.width, 8);
-        assert_eq!(p.memory_reserved(), 0, "the reservation is given back");
+        assert_eq!(
+            p.budgets().memory_reserved(),
+            0,
+            "the reservation is given back"
+        );
     }
 }

@@ -546,9 +546,9 @@ mod tests {
     use super::*;
     use crate::image::fixtures::{self, spec};
     use crate::image::vips::*;
+    use crate::request::Version;
     use rs_vips::Vips;
     use std::cell::Cell;
-    use crate::request::Version;
     use std::time::{Duration, Instant};
 
     fn setup() {

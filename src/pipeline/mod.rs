@@ -13,8 +13,8 @@ use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use moka::future::Cache;
-use tokio::sync::Semaphore;
 
+use crate::budget::{BudgetConfig, Budgets};
 use crate::cache::memory::{MemoryCache, Outcome};
 use crate::cache::remote::RemoteStore;
 use crate::cache::{Tier, Variant};
@@ -23,8 +23,12 @@ use crate::error::Error;
 use crate::image::{ImageError, Processor, RenderSpec};
 use crate::metrics as m;
 use crate::request::{CacheKey, DefaultQuality, Format, ImageRequest};
-use crate::source::guard::{SourceGuard, SourceUrl};
+use crate::source::guard::SourceGuard;
 use crate::source::{Source, SourceError};
+
+mod origin;
+
+pub use self::origin::Origin;
 
 /// How long a downloaded original stays in memory without being asked for again. Replaced images
 /// are dropped at once by `purge`; this bounds staleness when nobody purges.
@@ -44,13 +48,8 @@ struct Inner {
     memory: MemoryCache,
     remote: Option<RemoteStore>,
     originals: Cache<String, Bytes>,
-    /// `max_inflight_download_mb`, in MiB permits: bounds the bytes all downloads may hold at once.
-    inflight: Semaphore,
-    /// MiB permits one download takes: `max_source_bytes`, the most it may hold.
-    download_reservation: u32,
-    downloads: Semaphore,
-    downloads_current: AtomicUsize,
-    downloads_total: AtomicU64,
+    /// Every bound on concurrent work, shared with `processor`.
+    budgets: Arc<Budgets>,
     /// The `?source=` override's rules and client; `None` refuses every override.
     overrides: Option<SourceGuard>,
     /// During a store outage every miss fails its read: log the first, then one summary per period.
@@ -88,6 +87,15 @@ pub struct PipelineStats {
     pub memory_reserved: u64,
 }
 
+impl PipelineStats {
+    /// Sets the gauges these counters feed (the one place they are set).
+    pub fn publish(&self) {
+        m::gauge(m::PROCESSING_CURRENT, self.processing_current as f64);
+        m::gauge(m::QUEUE_DEPTH, self.queue_depth as f64);
+        m::gauge(m::DOWNLOADS_CURRENT, self.downloads_current as f64);
+    }
+}
+
 impl Pipeline {
     /// Builds the pipeline from a validated config, a source, an optional result store and the
     /// `?source=` guard (`None` refuses every override).
@@ -97,7 +105,13 @@ impl Pipeline {
         remote: Option<RemoteStore>,
         overrides: Option<SourceGuard>,
     ) -> Pipeline {
-        let processor = Processor::new(config.pool(), config.decode_limits());
+        let budgets = Arc::new(Budgets::new(BudgetConfig::from_config(&config)));
+        let processor = Processor::new(
+            budgets.clone(),
+            config.decode_limits(),
+            config.render_timeout,
+            config.max_avif_output_pixels,
+        );
         let memory = MemoryCache::new(
             config.memory_cache_bytes,
             config.memory_cache_max_entry_bytes,
@@ -112,18 +126,13 @@ impl Pipeline {
         Pipeline {
             inner: Arc::new(Inner {
                 defaults: config.default_quality(),
-                downloads: Semaphore::new(config.download_concurrency.max(1)),
-                inflight: Semaphore::new(mib(config.max_inflight_download_bytes) as usize),
-                download_reservation: mib(config.max_source_bytes)
-                    .min(mib(config.max_inflight_download_bytes)),
+                budgets,
                 config,
                 source,
                 processor,
                 memory,
                 remote,
                 originals,
-                downloads_current: AtomicUsize::new(0),
-                downloads_total: AtomicU64::new(0),
                 overrides,
                 store_warning: RateLimitedWarning::default(),
                 waiting: Waiting::default(),
@@ -133,21 +142,19 @@ impl Pipeline {
 
     /// Answers one parsed request rendered as `format` (the URL's, or the one `auto_format` picked).
     pub async fn serve(&self, req: &ImageRequest, format: Format) -> Result<Served, Error> {
-        self.serve_from(req, format, None).await
+        self.serve_from(req, format, &Origin::Configured).await
     }
 
-    /// Like [`Pipeline::serve`], with the original taken from a checked `?source=` URL when `source`
-    /// is given (docs/urls.md). Such a request has caches of its own: the result key carries the URL's
-    /// digest, the originals cache is keyed by the URL and the negative entry by both, so it never
-    /// answers for, nor is answered by, the id's own original.
+    /// Like [`Pipeline::serve`], with the original taken from `origin` (a checked `?source=` URL has
+    /// caches of its own: see [`Origin`]).
     pub async fn serve_from(
         &self,
         req: &ImageRequest,
         format: Format,
-        source: Option<&SourceUrl>,
+        origin: &Origin,
     ) -> Result<Served, Error> {
         let inner = &self.inner;
-        let key = result_key(req, format, source);
+        let key = origin.result_key(req, format);
         if let Some(variant) = inner.memory.get(&key).await {
             m::incr(m::CACHE_MEMORY_HIT);
             return Ok(Served {
@@ -158,7 +165,7 @@ impl Pipeline {
         m::incr(m::CACHE_MEMORY_MISS);
         // Boxed: everything below (the single-flight wait, the load it may start) would otherwise be
         // part of this future's size, which is moved several times per request on the hit path too.
-        Box::pin(self.serve_miss(req, format, source, key)).await
+        Box::pin(self.serve_miss(req, format, origin, key)).await
     }
 
     /// The memory cache did not have `key`: negative entry, then a single-flight load.
@@ -166,24 +173,21 @@ impl Pipeline {
         &self,
         req: &ImageRequest,
         format: Format,
-        source: Option<&SourceUrl>,
+        origin: &Origin,
         key: CacheKey,
     ) -> Result<Served, Error> {
         let inner = &self.inner;
-        let original = match source {
-            Some(s) => format!("{}/source-{}", req.original_id(), s.digest()),
-            None => req.original_id(),
-        };
+        let original = origin.negative_key(req);
         if inner.memory.is_not_found(&original).await {
             return Err(SourceError::NotFound.into());
         }
         // Held until this requester has its answer or goes away (the future is dropped).
         let waiter = inner.waiting.join(&key);
-        let mut result = self.shared_load(req, format, source, &key, &waiter).await;
+        let mut result = self.shared_load(req, format, origin, &key, &waiter).await;
         if matches!(result, Err(Error::Image(ImageError::Abandoned))) {
             // This requester joined a load in the instant it was dropped for having nobody waiting:
             // start one of its own.
-            result = self.shared_load(req, format, source, &key, &waiter).await;
+            result = self.shared_load(req, format, origin, &key, &waiter).await;
         }
         drop(waiter);
         match result {
@@ -208,7 +212,7 @@ impl Pipeline {
         &self,
         req: &ImageRequest,
         format: Format,
-        source: Option<&SourceUrl>,
+        origin: &Origin,
         key: &CacheKey,
         waiter: &Waiter,
     ) -> Result<(Arc<Variant>, Outcome), Error> {
@@ -216,7 +220,7 @@ impl Pipeline {
             self.inner.clone(),
             req.clone(),
             format,
-            source.cloned(),
+            origin.clone(),
             waiter.count.clone(),
         );
         self.inner.memory.get_or_load(key.clone(), load).await
@@ -238,7 +242,9 @@ impl Pipeline {
         {
             return Ok(false);
         }
-        let variant = inner.render(req, req.format, None, None).await?;
+        let variant = inner
+            .render(req, req.format, &Origin::Configured, None)
+            .await?;
         remote
             .put(&key, &variant)
             .await
@@ -293,29 +299,33 @@ impl Pipeline {
 
     /// Pool and download counters.
     pub fn stats(&self) -> PipelineStats {
-        let p = &self.inner.processor;
-        PipelineStats {
-            processing_current: p.current(),
-            processing_total: p.total(),
-            queue_depth: p.queue_depth(),
-            downloads_current: self.inner.downloads_current.load(Ordering::Relaxed),
-            downloads_total: self.inner.downloads_total.load(Ordering::Relaxed),
-            abandoned: p.abandoned(),
-            memory_reserved: p.memory_reserved(),
-        }
+        self.inner.stats()
     }
 }
 
 impl Inner {
+    fn stats(&self) -> PipelineStats {
+        let b = &self.budgets;
+        PipelineStats {
+            processing_current: b.running(),
+            processing_total: self.processor.total(),
+            queue_depth: b.queued(),
+            downloads_current: b.downloads_current(),
+            downloads_total: b.downloads_total(),
+            abandoned: self.processor.abandoned(),
+            memory_reserved: b.memory_reserved(),
+        }
+    }
+
     /// The shared load for one key: the remote store, else fetch + render + queue the remote write.
     async fn load(
         this: Arc<Inner>,
         req: ImageRequest,
         format: Format,
-        source: Option<SourceUrl>,
+        origin: Origin,
         waiters: Arc<AtomicUsize>,
     ) -> Result<Arc<Variant>, Error> {
-        let key = result_key(&req, format, source.as_ref());
+        let key = origin.result_key(&req, format);
         if let Some(remote) = &this.remote {
             match remote.get(&key).await {
                 Ok(Some(variant)) => return Ok(Arc::new(variant)),
@@ -324,10 +334,7 @@ impl Inner {
                 Err(e) => this.store_warning.warn(&e),
             }
         }
-        let variant = Arc::new(
-            this.render(&req, format, source.as_ref(), Some(&waiters))
-                .await?,
-        );
+        let variant = Arc::new(this.render(&req, format, &origin, Some(&waiters)).await?);
         if let Some(remote) = &this.remote {
             remote.enqueue(key, variant.clone());
         }
@@ -341,17 +348,17 @@ impl Inner {
         &self,
         req: &ImageRequest,
         format: Format,
-        source: Option<&SourceUrl>,
+        origin: &Origin,
         waiters: Option<&AtomicUsize>,
     ) -> Result<Variant, Error> {
         let wanted = || waiters.is_none_or(|w| w.load(Ordering::Acquire) > 0);
         // Admission first: a request the full pool would refuse (503) must not cost a download.
-        let admission = self.processor.admit(format)?;
-        let staged = self.processor.stage().await?;
+        let mut ticket = self.budgets.admit(format).map_err(ImageError::from)?;
+        ticket.stage().await;
         if !wanted() {
             return Err(ImageError::Abandoned.into());
         }
-        let original = self.original(req, source).await?;
+        let original = self.original(req, origin).await?;
         let spec = RenderSpec {
             version: req.version,
             format,
@@ -365,16 +372,15 @@ impl Inner {
         let started = Instant::now();
         let rendered = self
             .processor
-            .render_admitted(admission, Some(staged), original, spec, &wanted)
+            .render_admitted(ticket, original, spec, &wanted)
             .await;
         m::time(m::TIME_PROCESS, started.elapsed());
-        m::gauge(m::PROCESSING_CURRENT, self.processor.current() as f64);
-        m::gauge(m::QUEUE_DEPTH, self.processor.queue_depth() as f64);
+        self.stats().publish();
         let rendered = match rendered {
             Ok(r) => r,
             Err(e) => {
                 // A failed request leaves nothing behind: not even the original's bytes.
-                self.originals.invalidate(&originals_key(req, source)).await;
+                self.originals.invalidate(&origin.originals_key(req)).await;
                 return Err(e.into());
             }
         };
@@ -393,36 +399,21 @@ impl Inner {
     }
 
     /// The original's bytes: from the originals cache, or one download shared by every caller.
-    async fn original(
-        &self,
-        req: &ImageRequest,
-        source: Option<&SourceUrl>,
-    ) -> Result<Bytes, Error> {
-        let id = originals_key(req, source);
+    async fn original(&self, req: &ImageRequest, origin: &Origin) -> Result<Bytes, Error> {
+        let id = origin.originals_key(req);
         let fetch = async {
-            let _permit = self
-                .downloads
-                .acquire()
-                .await
-                .map_err(|_| Error::Internal("download pool closed".into()))?;
-            // Content-Length is not trusted, so each download reserves the most it may hold.
-            let _bytes = self
-                .inflight
-                .acquire_many(self.download_reservation)
-                .await
-                .map_err(|_| Error::Internal("download pool closed".into()))?;
-            self.downloads_total.fetch_add(1, Ordering::Relaxed);
-            let current = self.downloads_current.fetch_add(1, Ordering::Relaxed) + 1;
-            m::gauge(m::DOWNLOADS_CURRENT, current as f64);
+            // Under the caller's staging place, which bounds how many downloads run.
+            let download = self.budgets.download().await;
+            self.stats().publish();
             let started = Instant::now();
-            let result = match (source, &self.overrides) {
-                (None, _) => self.source.fetch(req).await.map_err(Error::from),
-                (Some(s), Some(guard)) => guard.fetch(s).await,
+            let result = match (origin, &self.overrides) {
+                (Origin::Configured, _) => self.source.fetch(req).await.map_err(Error::from),
+                (Origin::Override(s), Some(guard)) => guard.fetch(s).await,
                 // The service checks first; this keeps a missing guard fail-closed.
-                (Some(_), None) => Err(Error::SourceRefused),
+                (Origin::Override(_), None) => Err(Error::SourceRefused),
             };
-            let current = self.downloads_current.fetch_sub(1, Ordering::Relaxed) - 1;
-            m::gauge(m::DOWNLOADS_CURRENT, current as f64);
+            drop(download);
+            self.stats().publish();
             m::time(m::TIME_FETCH, started.elapsed());
             match result {
                 Ok(bytes) => {
@@ -487,27 +478,6 @@ impl Drop for Waiter {
     }
 }
 
-/// Bytes as whole MiB permits, rounded up (at least 1), for the in-flight download budget.
-fn mib(bytes: u64) -> u32 {
-    u32::try_from(bytes.div_ceil(1 << 20).max(1)).unwrap_or(u32::MAX >> 4)
-}
-
-/// The result-cache key: the id's own, or one carrying the `?source=` URL's digest.
-fn result_key(req: &ImageRequest, format: Format, source: Option<&SourceUrl>) -> CacheKey {
-    match source {
-        Some(s) => req.source_cache_key(format, s.digest()),
-        None => req.cache_key(format),
-    }
-}
-
-/// The originals-cache key: the id, or the `?source=` URL itself.
-fn originals_key(req: &ImageRequest, source: Option<&SourceUrl>) -> String {
-    match source {
-        Some(s) => s.originals_key(),
-        None => req.original_id(),
-    }
-}
-
 /// A warning logged at most once per [`RateLimitedWarning::PERIOD`], with the number suppressed in
 /// between, so an outage of the result store cannot flood the log with one line per request.
 #[derive(Default)]
@@ -543,16 +513,6 @@ impl RateLimitedWarning {
 mod tests {
     use super::*;
     use crate::cache::remote::StoreError;
-
-    #[test]
-    fn download_budget_in_mib() {
-        assert_eq!(mib(0), 1);
-        assert_eq!(mib(1), 1);
-        assert_eq!(mib(1 << 20), 1);
-        assert_eq!(mib((1 << 20) + 1), 2);
-        // Defaults: 256 MiB in flight, 25 MiB per download: at most 10 downloads hold memory at once.
-        assert_eq!(mib(256 << 20) / mib(25 << 20), 10);
-    }
 
     #[test]
     fn store_warnings_are_rate_limited() {
