@@ -23,6 +23,7 @@ pub mod budget;
 pub mod cache;
 pub mod cli;
 pub mod commands;
+pub mod conditional;
 pub mod config;
 pub mod error;
 pub mod image;

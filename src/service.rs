@@ -8,15 +8,17 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Instant, SystemTime};
+use std::time::Instant;
 
 use bytes::Bytes;
+use headers::{ContentRange, HeaderMapExt};
 use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::Full;
 
 use crate::app::App;
 use crate::cache::Tier;
+use crate::conditional::{self, Answer};
 use crate::error::Error;
 use crate::metrics as m;
 use crate::pipeline::{Origin, Served};
@@ -29,6 +31,9 @@ const X_CACHE: header::HeaderName = header::HeaderName::from_static("x-cache");
 const SURROGATE_KEY: header::HeaderName = header::HeaderName::from_static("surrogate-key");
 const CACHE_TAG: header::HeaderName = header::HeaderName::from_static("cache-tag");
 const NOSNIFF: HeaderValue = HeaderValue::from_static("nosniff");
+const TEXT_PLAIN: &str = "text/plain; charset=utf-8";
+/// The body of a 416 (a range past the end of the image).
+const RANGE_NOT_SATISFIABLE_BODY: &str = "range not satisfiable\n";
 
 /// A path as logged: only when it is bounded and printable ASCII (so a hostile path cannot forge or
 /// flood log lines), else `-`.
@@ -207,20 +212,55 @@ impl App {
         if negotiated {
             map.insert(header::VARY, HeaderValue::from_static("Accept"));
         }
-        let (status, body) = if not_modified(headers, &v.etag, v.last_modified) {
-            (StatusCode::NOT_MODIFIED, Body::default())
-        } else {
-            map.insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static(v.format.mime()),
-            );
-            map.insert(header::CONTENT_LENGTH, HeaderValue::from(v.bytes.len()));
-            let body = if head {
-                Body::default()
-            } else {
-                Body::new(v.bytes.clone())
-            };
-            (StatusCode::OK, body)
+        let len = v.bytes.len() as u64;
+        let answer = conditional::decide(headers, &v.etag, v.last_modified, len);
+        if answer != Answer::NotModified {
+            map.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+        }
+        let (status, body) = match answer {
+            Answer::NotModified => (StatusCode::NOT_MODIFIED, Body::default()),
+            Answer::Unsatisfiable => {
+                // Short and never stored: it describes the client's request, not the image.
+                map.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+                map.typed_insert(ContentRange::unsatisfied_bytes(len));
+                map.insert(header::CONTENT_TYPE, HeaderValue::from_static(TEXT_PLAIN));
+                let body = RANGE_NOT_SATISFIABLE_BODY;
+                map.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+                let body = if head {
+                    Body::default()
+                } else {
+                    Body::new(Bytes::from_static(body.as_bytes()))
+                };
+                (StatusCode::RANGE_NOT_SATISFIABLE, body)
+            }
+            Answer::Whole | Answer::Part { .. } => {
+                map.insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static(v.format.mime()),
+                );
+                let (status, bytes) = match answer {
+                    Answer::Part { first, last } => {
+                        match ContentRange::bytes(first..=last, len) {
+                            Ok(range) => map.typed_insert(range),
+                            Err(_) => {
+                                let e = Error::Internal("response: content range".into());
+                                return self.error_response(&e, head);
+                            }
+                        }
+                        // `first..=last` lies inside the body (`conditional::decide`).
+                        let part = v.bytes.slice(first as usize..=last as usize);
+                        (StatusCode::PARTIAL_CONTENT, part)
+                    }
+                    _ => (StatusCode::OK, v.bytes.clone()),
+                };
+                map.insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
+                let body = if head {
+                    Body::default()
+                } else {
+                    Body::new(bytes)
+                };
+                (status, body)
+            }
         };
         let mut response = Response::new(body);
         *response.status_mut() = status;
@@ -234,7 +274,7 @@ impl App {
         let body = err.public_message();
         let mut builder = Response::builder()
             .status(status)
-            .header(header::CONTENT_TYPE, "text/plain; charset=utf-8")
+            .header(header::CONTENT_TYPE, TEXT_PLAIN)
             .header(header::CONTENT_LENGTH, body.len())
             .header(header::X_CONTENT_TYPE_OPTIONS, "nosniff");
         // 5xx are passing trouble; 401/403 depend on credentials or a signature a shared cache must
@@ -286,39 +326,6 @@ fn accepts(accept: &str, mime: &str) -> bool {
     })
 }
 
-/// RFC 9110 §13.2.2: `If-None-Match` decides when present; otherwise `If-Modified-Since` at or after
-/// the variant's generation time (whole seconds, as `Last-Modified` is sent) means not modified.
-fn not_modified(headers: &HeaderMap, etag: &str, last_modified: SystemTime) -> bool {
-    if let Some(inm) = headers.get(header::IF_NONE_MATCH) {
-        return inm.to_str().is_ok_and(|h| etag_matches(h, etag));
-    }
-    let Some(since) = headers
-        .get(header::IF_MODIFIED_SINCE)
-        .and_then(|h| h.to_str().ok())
-        .and_then(|h| httpdate::parse_http_date(h).ok())
-    else {
-        return false;
-    };
-    let modified_secs = last_modified
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    let since_secs = since
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    since_secs >= modified_secs
-}
-
-/// `If-None-Match` weak comparison (RFC 9110 §13.1.2): a list of tags or `*`.
-fn etag_matches(header: &str, etag: &str) -> bool {
-    let bare = etag.trim_start_matches("W/");
-    header.split(',').any(|t| {
-        let t = t.trim();
-        t == "*" || t.trim_start_matches("W/") == bare
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -331,65 +338,5 @@ mod tests {
         assert!(!accepts("image/*,*/*;q=0.8", "image/webp"));
         assert!(!accepts("", "image/webp"));
         assert!(!accepts("image/webpx", "image/webp"));
-    }
-
-    #[test]
-    fn conditional_requests() {
-        let generated = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_700_000_000);
-        let at = |secs: u64| {
-            httpdate::fmt_http_date(SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(secs))
-        };
-        let h = |pairs: &[(header::HeaderName, String)]| {
-            let mut m = HeaderMap::new();
-            for (k, v) in pairs {
-                m.insert(k.clone(), HeaderValue::from_str(v).expect("value"));
-            }
-            m
-        };
-        let tag = "\"abc\"";
-        assert!(not_modified(
-            &h(&[(header::IF_MODIFIED_SINCE, at(1_700_000_000))]),
-            tag,
-            generated
-        ));
-        assert!(not_modified(
-            &h(&[(header::IF_MODIFIED_SINCE, at(1_800_000_000))]),
-            tag,
-            generated
-        ));
-        assert!(!not_modified(
-            &h(&[(header::IF_MODIFIED_SINCE, at(1_600_000_000))]),
-            tag,
-            generated
-        ));
-        assert!(!not_modified(
-            &h(&[(header::IF_MODIFIED_SINCE, "garbage".into())]),
-            tag,
-            generated
-        ));
-        // If-None-Match wins over If-Modified-Since.
-        assert!(!not_modified(
-            &h(&[
-                (header::IF_NONE_MATCH, "\"other\"".into()),
-                (header::IF_MODIFIED_SINCE, at(1_800_000_000)),
-            ]),
-            tag,
-            generated
-        ));
-        assert!(not_modified(
-            &h(&[(header::IF_NONE_MATCH, tag.into())]),
-            tag,
-            generated
-        ));
-        assert!(!not_modified(&HeaderMap::new(), tag, generated));
-    }
-
-    #[test]
-    fn if_none_match() {
-        assert!(etag_matches("\"abc\"", "\"abc\""));
-        assert!(etag_matches("W/\"abc\"", "\"abc\""));
-        assert!(etag_matches("\"x\", \"abc\"", "\"abc\""));
-        assert!(etag_matches("*", "\"abc\""));
-        assert!(!etag_matches("\"abd\"", "\"abc\""));
     }
 }

@@ -496,3 +496,126 @@ async fn enlarge_off_never_exceeds_the_original_and_gravity_options_crop_exactly
         server.stop().await.expect("stop");
     }
 }
+
+/// Range requests (RFC 9110 §14): one byte range gives 206 with `Content-Range`, a range past the
+/// end 416 with `bytes */N`, `If-Range` with the current ETag is honoured and a stale one gets the
+/// whole body, several ranges get the whole body, and HEAD answers like GET without a body. The ETag
+/// is the whole representation's throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn range_requests_get_206_416_and_the_whole_body_when_if_range_is_stale() {
+    let origin = origin_with_photo().await;
+    let server = support::start_with_origin(&origin, &[]).await;
+    let url = format!("http://{}/product/image/1/w200.jpg", server.addr);
+    let ranged = |range: &str, if_range: Option<&str>| {
+        let mut req = client().get(&url).header("range", range);
+        if let Some(tag) = if_range {
+            req = req.header("if-range", tag);
+        }
+        req.send()
+    };
+
+    let whole = get(&server, "/product/image/1/w200.jpg").await;
+    assert_eq!(whole.status(), 200);
+    assert_eq!(header(&whole, "accept-ranges"), "bytes");
+    let etag = header(&whole, "etag");
+    let body = whole.bytes().await.expect("body");
+    let n = body.len();
+    assert!(n > 100, "a real JPEG");
+
+    let first = ranged("bytes=0-9", None).await.expect("ranged GET");
+    assert_eq!(first.status(), 206);
+    assert_eq!(header(&first, "content-range"), format!("bytes 0-9/{n}"));
+    assert_eq!(header(&first, "content-length"), "10");
+    assert_eq!(header(&first, "etag"), etag);
+    assert_eq!(header(&first, "content-type"), "image/jpeg");
+    assert_eq!(first.bytes().await.expect("part"), body.slice(0..10));
+
+    let tail = ranged("bytes=-7", None).await.expect("suffix");
+    assert_eq!(tail.status(), 206);
+    assert_eq!(
+        header(&tail, "content-range"),
+        format!("bytes {}-{}/{n}", n - 7, n - 1)
+    );
+    assert_eq!(tail.bytes().await.expect("part"), body.slice(n - 7..));
+
+    let open = ranged(&format!("bytes={}-", n - 3), None)
+        .await
+        .expect("open");
+    assert_eq!(open.status(), 206);
+    assert_eq!(open.bytes().await.expect("part"), body.slice(n - 3..));
+
+    let past = ranged(&format!("bytes={n}-"), None).await.expect("past");
+    assert_eq!(past.status(), 416);
+    assert_eq!(header(&past, "content-range"), format!("bytes */{n}"));
+    assert_eq!(header(&past, "cache-control"), "no-store");
+    assert_eq!(
+        past.bytes().await.expect("body").as_ref(),
+        b"range not satisfiable\n"
+    );
+
+    let current = ranged("bytes=10-19", Some(&etag)).await.expect("if-range");
+    assert_eq!(current.status(), 206);
+    assert_eq!(current.bytes().await.expect("part"), body.slice(10..20));
+    let stale = ranged("bytes=10-19", Some("\"stale\""))
+        .await
+        .expect("stale");
+    assert_eq!(stale.status(), 200);
+    assert_eq!(stale.bytes().await.expect("whole"), body);
+
+    let multi = ranged("bytes=0-1,5-6", None).await.expect("multi");
+    assert_eq!(multi.status(), 200);
+    assert_eq!(multi.bytes().await.expect("whole"), body);
+
+    let head = client()
+        .head(&url)
+        .header("range", "bytes=0-9")
+        .send()
+        .await
+        .expect("HEAD");
+    assert_eq!(head.status(), 206);
+    assert_eq!(header(&head, "content-range"), format!("bytes 0-9/{n}"));
+    assert_eq!(header(&head, "content-length"), "10");
+    assert!(head.bytes().await.expect("no body").is_empty());
+
+    assert_eq!(support::counter(&server, "response.status.206").await, 5.0);
+    assert_eq!(support::counter(&server, "response.status.416").await, 1.0);
+    assert_eq!(
+        server.app.pipeline.stats().processing_total,
+        1,
+        "ranges are cut from the one render"
+    );
+    server.stop().await.expect("stop");
+}
+
+/// Behind a caching nginx, a ranged request is answered with the right bytes, on the miss that
+/// fills the cache and on the hit after it, and nginx caches the whole image (one render).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn behind_nginx_ranged_requests_get_the_right_bytes() {
+    let origin = origin_with_photo().await;
+    let server = support::start_with_origin(&origin, &[]).await;
+    let nginx = Nginx::start(server.addr);
+    let path = "/product/image/1/w300.jpg";
+    let whole = get(&server, path).await.bytes().await.expect("whole");
+    let n = whole.len();
+    for (range, expected) in [
+        ("bytes=0-99", whole.slice(0..100)),
+        ("bytes=100-199", whole.slice(100..200)),
+        ("bytes=-50", whole.slice(n - 50..)),
+    ] {
+        let resp = client()
+            .get(format!("http://127.0.0.1:{}{path}", nginx.port))
+            .header("range", range)
+            .send()
+            .await
+            .expect("via nginx");
+        assert_eq!(resp.status(), 206, "{range}");
+        let content_range = header(&resp, "content-range");
+        assert!(content_range.ends_with(&format!("/{n}")), "{content_range}");
+        assert_eq!(resp.bytes().await.expect("part"), expected, "{range}");
+    }
+    let log = nginx.log();
+    assert!(log.iter().any(|l| l.starts_with("HIT 206")), "{log:?}");
+    assert_eq!(server.app.pipeline.stats().processing_total, 1);
+    println!("nginx access log:\n{}", log.join("\n"));
+    server.stop().await.expect("stop");
+}
