@@ -35,16 +35,21 @@ impl Format {
         Format::Gif,
     ];
 
-    /// The format named by a URL extension (`jpeg` is `jpg`). Lower case only.
+    /// The format named by a URL extension (`jpeg` is `jpg`), in any case (`JPG`, `Png`): cameras
+    /// and old upload forms name files in capitals, and the seed's URLs carried them through.
     pub fn from_ext(ext: &str) -> Option<Format> {
-        match ext {
-            "jpg" | "jpeg" => Some(Format::Jpeg),
-            "png" => Some(Format::Png),
-            "webp" => Some(Format::Webp),
-            "avif" => Some(Format::Avif),
-            "gif" => Some(Format::Gif),
-            _ => None,
-        }
+        const NAMES: [(&str, Format); 6] = [
+            ("jpg", Format::Jpeg),
+            ("jpeg", Format::Jpeg),
+            ("png", Format::Png),
+            ("webp", Format::Webp),
+            ("avif", Format::Avif),
+            ("gif", Format::Gif),
+        ];
+        NAMES
+            .iter()
+            .find(|(name, _)| name.eq_ignore_ascii_case(ext))
+            .map(|(_, format)| *format)
     }
 
     /// The canonical extension.
@@ -268,12 +273,7 @@ impl ImageRequest {
             return Err(RequestError::NoRoute);
         }
         let (stem, ext) = file.rsplit_once('.').ok_or(RequestError::NoRoute)?;
-        if ext.is_empty()
-            || ext.len() > 8
-            || !ext
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
-        {
+        if ext.is_empty() || ext.len() > 8 || !ext.bytes().all(|b| b.is_ascii_alphanumeric()) {
             return Err(RequestError::NoRoute);
         }
         // The stem may only hold the characters of the grammar; anything else is no route.
@@ -285,7 +285,12 @@ impl ImageRequest {
         {
             return Err(RequestError::NoRoute);
         }
-        let (version_str, quality) = match stem.rsplit_once("-q") {
+        // `-q{N}`, or `-c{N}` (the seed's "compression" spelling of the same thing).
+        let suffix = stem.rsplit_once('-').and_then(|(v, s)| {
+            let digits = s.strip_prefix('q').or_else(|| s.strip_prefix('c'))?;
+            Some((v, digits))
+        });
+        let (version_str, quality) = match suffix {
             Some((v, q)) if !q.is_empty() && q.bytes().all(|b| b.is_ascii_digit()) => {
                 let q = parse_number(q)?;
                 if q > 100 {
@@ -581,7 +586,13 @@ mod tests {
             ("/product/image/1/300x2049.jpg", TooLarge),
             ("/product/image/1/h2049.jpg", TooLarge),
             ("/product/image/1/w300.bmp", ExtensionNotAllowed),
-            ("/product/image/1/w300.JPG", NoRoute),
+            ("/product/image/1/w300.BMP", ExtensionNotAllowed),
+            ("/product/image/1/w300-c0.jpg", OutOfRange),
+            ("/product/image/1/w300-c101.jpg", OutOfRange),
+            ("/product/image/1/w300-c.jpg", UnknownVersion),
+            ("/product/image/1/w300-x60.jpg", UnknownVersion),
+            ("/product/image/1/w300-q60-c60.jpg", UnknownVersion),
+            ("/product/image/1/w300.j_g", NoRoute),
             ("/product/image/1/w300", NoRoute),
             ("/product/image/1/", NoRoute),
             ("/product/image/1", NoRoute),
@@ -636,6 +647,15 @@ mod tests {
         assert_eq!(key("/p/i/1/w10-q75.avif"), "p/i/1/w10-q75.avif");
         assert_eq!(key("/p/i/1/w10-q20.png"), "p/i/1/w10.png");
         assert_eq!(key("/p/i/1/full_size.gif"), "p/i/1/full_size.gif");
+        // The seed's `-c{N}` (compression) is `-q{N}`.
+        assert_eq!(key("/p/i/1/x50-c60.jpg"), "p/i/1/50x50-q60.jpg");
+        assert_eq!(key("/p/i/1/x50-c60.jpg"), key("/p/i/1/x50-q60.jpg"));
+        assert_eq!(key("/p/i/1/300x300-c75.jpg"), "p/i/1/300x300.jpg");
+        // Extensions in any case are the same format.
+        assert_eq!(key("/p/i/1/w300.JPG"), "p/i/1/w300.jpg");
+        assert_eq!(key("/p/i/1/w300.Jpeg"), "p/i/1/w300.jpg");
+        assert_eq!(key("/p/i/1/w300.Png"), "p/i/1/w300.png");
+        assert_eq!(key("/p/i/1/w300.WEBP"), "p/i/1/w300.webp");
     }
 
     fn arb_version() -> impl Strategy<Value = Version> {

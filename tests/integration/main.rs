@@ -10,6 +10,7 @@ mod cdn;
 mod docs;
 mod faults;
 mod hostile;
+mod migration;
 mod operations;
 mod raw;
 mod seaweed;
