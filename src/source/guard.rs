@@ -47,6 +47,10 @@ use super::{error_chain, SourceError, SourceLimits};
 use crate::config::Config;
 use crate::error::Error;
 
+/// The statuses that mean an override's original is missing: the plain ones. A third-party host's
+/// 403 is as likely hotlink protection as a missing object, and stays a 502 that is not remembered.
+const OVERRIDE_NOT_FOUND: [u16; 2] = [404, 410];
+
 /// The most redirects one override may follow.
 pub const MAX_REDIRECTS: usize = 3;
 
@@ -435,7 +439,13 @@ impl SourceGuard {
     /// byte limit while streaming), following at most [`MAX_REDIRECTS`] checked redirects and
     /// connecting only to allowed addresses.
     pub async fn fetch(&self, source: &SourceUrl) -> Result<Bytes, Error> {
-        let exchange = fetch_with(&self.client, source.url.clone(), &self.limits, map_guarded);
+        let exchange = fetch_with(
+            &self.client,
+            source.url.clone(),
+            &self.limits,
+            &OVERRIDE_NOT_FOUND,
+            map_guarded,
+        );
         match tokio::time::timeout(self.limits.fetch_timeout, exchange).await {
             Ok(result) => result,
             Err(_elapsed) => Err(SourceError::Timeout.into()),

@@ -1,10 +1,14 @@
 //! Step 3b of the request flow (url → cache → **source** → image → store → response), HTTP backend:
 //! fetch an original from `source_domain` (the seed's only source).
 //!
-//! One shared `reqwest` client (connection reuse across requests) with a connect timeout, no proxy
-//! taken from the environment, and no redirects: `source_domain` is our own origin, so a 3xx is a
-//! misconfiguration reported as 502 rather than a hop to wherever it points. `?source=` overrides
-//! with checked redirects are a separate concern ([`super::guard`]), sharing its fetch loop.
+//! One shared `reqwest` client (connection reuse across requests) with a connect timeout and no proxy
+//! taken from the environment. Redirects are followed up to [`MAX_ORIGIN_REDIRECTS`] hops, only to
+//! `source_domain`'s own host or a host listed in `source_redirect_hosts` (CDNs in front of a bucket
+//! redirect to a canonical path or a signed URL); any other target, or a fourth hop, is a 502
+//! without connecting to it. Which statuses mean "the original is missing" (404, negatively cached)
+//! is `source_not_found_statuses`: an S3-backed origin answers 403 for a missing key when the reader
+//! may not list the bucket. `?source=` overrides with their own checked redirects are a separate
+//! concern ([`super::guard`]), sharing the fetch loop.
 //!
 //! The limits are enforced here, not trusted to the origin: the whole exchange (headers and body)
 //! runs under one `fetch_timeout` deadline, and the body is counted chunk by chunk so an origin
@@ -14,16 +18,41 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use reqwest::StatusCode;
 
 use super::{error_chain, expand_template, probe_request, validate_template};
 use super::{join_chunks, SourceError, SourceLimits};
 use crate::request::ImageRequest;
 
+/// The most redirects one fetch from `source_domain` follows.
+pub const MAX_ORIGIN_REDIRECTS: usize = 3;
+
+/// The statuses that mean "missing" when no configuration says otherwise.
+pub const DEFAULT_NOT_FOUND_STATUSES: [u16; 3] = [403, 404, 410];
+
+/// How the configured origin's answers are read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OriginRules {
+    /// `source_not_found_statuses`: statuses meaning the original does not exist (404 to the
+    /// client, negatively cached). Every other non-2xx is a 502.
+    pub not_found: Vec<u16>,
+    /// `source_redirect_hosts`: hosts besides `source_domain`'s own that a redirect may lead to.
+    pub redirect_hosts: Vec<String>,
+}
+
+impl Default for OriginRules {
+    fn default() -> OriginRules {
+        OriginRules {
+            not_found: DEFAULT_NOT_FOUND_STATUSES.to_vec(),
+            redirect_hosts: Vec::new(),
+        }
+    }
+}
+
 /// Originals behind an HTTP(S) base URL.
 #[derive(Debug, Clone)]
 pub struct HttpSource {
     client: reqwest::Client,
+    not_found: Vec<u16>,
     /// The base URL as text, without a trailing slash; the expanded template is appended.
     base: String,
     /// `base` without credentials, for logs.
@@ -38,6 +67,7 @@ impl HttpSource {
         base: url::Url,
         template: String,
         limits: SourceLimits,
+        rules: OriginRules,
     ) -> Result<HttpSource, SourceError> {
         if !matches!(base.scheme(), "http" | "https") {
             return Err(SourceError::Config(format!(
@@ -58,7 +88,7 @@ impl HttpSource {
             .connect_timeout(limits.connect_timeout)
             // HTTP_PROXY & co. must not silently reroute originals through another host.
             .no_proxy()
-            .redirect(reqwest::redirect::Policy::none())
+            .redirect(redirect_policy(&base, rules.redirect_hosts))
             .user_agent(concat!("image-server/", env!("CARGO_PKG_VERSION")))
             // Idle connections to the origin are reused; keep them for less than the usual
             // server-side keep-alive so we rarely write into a socket the origin just closed.
@@ -72,6 +102,7 @@ impl HttpSource {
         let _ = described.set_password(None);
         let source = HttpSource {
             client,
+            not_found: rules.not_found,
             base: base.as_str().trim_end_matches('/').to_owned(),
             described: described.as_str().trim_end_matches('/').to_owned(),
             template,
@@ -102,7 +133,14 @@ impl HttpSource {
 
     /// The exchange itself, without the deadline (the caller owns it).
     async fn fetch_url(&self, url: url::Url) -> Result<Bytes, SourceError> {
-        fetch_with(&self.client, url, &self.limits, map_reqwest).await
+        fetch_with(
+            &self.client,
+            url,
+            &self.limits,
+            &self.not_found,
+            map_reqwest,
+        )
+        .await
     }
 
     /// The base URL without credentials (`https://cdn.example.com/originals`).
@@ -111,13 +149,56 @@ impl HttpSource {
     }
 }
 
+/// The redirect policy for `source_domain`: at most [`MAX_ORIGIN_REDIRECTS`] hops, each to an
+/// http(s) URL on `base`'s host or one of `hosts` (compared after the `url` crate's normalisation:
+/// lower case, punycode). A refused hop fails the fetch before anything connects to its target.
+fn redirect_policy(base: &url::Url, hosts: Vec<String>) -> reqwest::redirect::Policy {
+    let own = base.host_str().unwrap_or_default().to_ascii_lowercase();
+    let allowed: Vec<String> = hosts
+        .into_iter()
+        .map(|h| h.trim().trim_end_matches('.').to_ascii_lowercase())
+        .filter(|h| !h.is_empty())
+        .collect();
+    reqwest::redirect::Policy::custom(move |attempt| {
+        if attempt.previous().len() > MAX_ORIGIN_REDIRECTS {
+            return attempt.error(RedirectRefused("more than 3 redirects"));
+        }
+        let url = attempt.url();
+        let host = url.host_str().unwrap_or_default().trim_end_matches('.');
+        let host_ok = host == own || allowed.iter().any(|h| h == host);
+        if !matches!(url.scheme(), "http" | "https") {
+            attempt.error(RedirectRefused("redirect to a scheme other than http(s)"))
+        } else if !host_ok {
+            attempt.error(RedirectRefused(
+                "redirect to a host not in source_redirect_hosts",
+            ))
+        } else {
+            attempt.follow()
+        }
+    })
+}
+
+/// Why a redirect from `source_domain` was not followed (in the 502's log line).
+#[derive(Debug)]
+struct RedirectRefused(&'static str);
+
+impl std::fmt::Display for RedirectRefused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.0)
+    }
+}
+
+impl std::error::Error for RedirectRefused {}
+
 /// One GET of `url` with `client`, the body counted against `limits.max_bytes` while it streams.
 /// Shared by the configured origin and the `?source=` override ([`super::guard`]); the caller owns the
-/// deadline, and `map_err` sorts transport errors (the override also recognises its own refusals).
+/// deadline, `not_found` lists the statuses that mean the original is missing, and `map_err` sorts
+/// transport errors (the override also recognises its own refusals).
 pub(crate) async fn fetch_with<E: From<SourceError>>(
     client: &reqwest::Client,
     url: url::Url,
     limits: &SourceLimits,
+    not_found: &[u16],
     map_err: fn(reqwest::Error) -> E,
 ) -> Result<Bytes, E> {
     let mut resp = client
@@ -130,7 +211,7 @@ pub(crate) async fn fetch_with<E: From<SourceError>>(
         .map_err(map_err)?;
 
     let status = resp.status();
-    if status == StatusCode::NOT_FOUND || status == StatusCode::GONE {
+    if not_found.contains(&status.as_u16()) {
         return Err(SourceError::NotFound.into());
     }
     if !status.is_success() {
@@ -281,7 +362,12 @@ mod tests {
     }
 
     fn source(base: url::Url, limits: SourceLimits) -> HttpSource {
-        HttpSource::new(base, "{model}/{type}/{id}/original.jpg".into(), limits).expect("source")
+        source_with(base, limits, OriginRules::default())
+    }
+
+    fn source_with(base: url::Url, limits: SourceLimits, rules: OriginRules) -> HttpSource {
+        let template = "{model}/{type}/{id}/original.jpg".into();
+        HttpSource::new(base, template, limits, rules).expect("source")
     }
 
     fn req() -> ImageRequest {
@@ -329,22 +415,24 @@ mod tests {
     #[tokio::test]
     async fn status_mapping() {
         let l = limits(1000, 2000);
-        assert_eq!(
-            fetch(with_length("404 Not Found", b"no"), l).await,
-            Err(SourceError::NotFound)
-        );
-        assert_eq!(
-            fetch(with_length("410 Gone", b"no"), l).await,
-            Err(SourceError::NotFound)
-        );
+        // The default `source_not_found_statuses`: 403 (an S3-backed origin's missing key), 404, 410.
+        for status in ["404 Not Found", "410 Gone", "403 Forbidden"] {
+            assert_eq!(
+                fetch(with_length(status, b"no"), l).await,
+                Err(SourceError::NotFound),
+                "{status}"
+            );
+        }
         for status in [
             "500 Internal Server Error",
-            "403 Forbidden",
+            "401 Unauthorized",
+            "429 Too Many Requests",
+            // A redirect to a host that is neither source_domain's nor listed: refused unfollowed.
             "301 Moved Permanently",
         ] {
             let b = Behaviour::Reply(response(
                 status,
-                "content-length: 0\r\nlocation: http://127.0.0.1:1/elsewhere\r\n",
+                "content-length: 0\r\nlocation: http://127.0.0.2:1/elsewhere\r\n",
                 b"",
             ));
             assert!(
@@ -352,6 +440,16 @@ mod tests {
                 "{status}"
             );
         }
+        // Configured otherwise, 403 is an upstream failure again.
+        let (base, _) = origin(with_length("403 Forbidden", b"no")).await;
+        let strict = OriginRules {
+            not_found: vec![404],
+            ..OriginRules::default()
+        };
+        assert!(matches!(
+            source_with(base, l, strict).fetch(&req()).await,
+            Err(SourceError::Upstream(_))
+        ));
     }
 
     #[tokio::test]
@@ -473,20 +571,26 @@ mod tests {
         for bad in ["ftp://host/", "http://host/?q=1", "file:///tmp"] {
             assert!(
                 matches!(
-                    HttpSource::new(url(bad), t(), l),
+                    HttpSource::new(url(bad), t(), l, OriginRules::default()),
                     Err(SourceError::Config(_))
                 ),
                 "{bad}"
             );
         }
         assert!(matches!(
-            HttpSource::new(url("http://host"), "{nope}".into(), l),
+            HttpSource::new(
+                url("http://host"),
+                "{nope}".into(),
+                l,
+                OriginRules::default()
+            ),
             Err(SourceError::Config(_))
         ));
         let s = HttpSource::new(
             url("https://user:secret@cdn.example.com/originals/"),
             t(),
             l,
+            OriginRules::default(),
         )
         .expect("source");
         assert_eq!(s.describe(), "https://cdn.example.com/originals");

@@ -89,7 +89,12 @@ impl Source {
             (Some(_), Some(_)) => Err(SourceError::Config(
                 "set only one of source_domain and source_store".into(),
             )),
-            (Some(base), None) => Source::new_http(base.clone(), cfg.source_path.clone(), limits),
+            (Some(base), None) => Source::new_http(
+                base.clone(),
+                cfg.source_path.clone(),
+                limits,
+                http::OriginRules::default(),
+            ),
             (None, Some(store)) => {
                 Source::new_object(store, &cfg.s3, cfg.source_path.clone(), limits)
             }
@@ -104,8 +109,9 @@ impl Source {
         base: url::Url,
         template: String,
         limits: SourceLimits,
+        rules: http::OriginRules,
     ) -> Result<Source, SourceError> {
-        http::HttpSource::new(base, template, limits).map(Source::Http)
+        http::HttpSource::new(base, template, limits, rules).map(Source::Http)
     }
 
     /// An object-store source (`file:///dir`, `s3://bucket/prefix`, …): originals are at

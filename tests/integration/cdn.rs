@@ -577,8 +577,6 @@ async fn range_requests_get_206_416_and_the_whole_body_when_if_range_is_stale() 
     assert_eq!(header(&head, "content-length"), "10");
     assert!(head.bytes().await.expect("no body").is_empty());
 
-    assert_eq!(support::counter(&server, "response.status.206").await, 5.0);
-    assert_eq!(support::counter(&server, "response.status.416").await, 1.0);
     assert_eq!(
         server.app.pipeline.stats().processing_total,
         1,

@@ -50,13 +50,13 @@ async fn origin_statuses_map_to_ours() {
     let origin = Origin::start().await;
     origin.script("product/image/500", Reply::Status(500));
     origin.script("product/image/503", Reply::Status(503));
-    origin.script("product/image/403", Reply::Status(403));
+    origin.script("product/image/401", Reply::Status(401));
     origin.script("product/image/404", Reply::Status(404));
     origin.script("product/image/410", Reply::Status(410));
     let server = support::start_with_origin(&origin, &[]).await;
     expect_error(&server, "/product/image/500/w100.jpg", 502, "bad gateway\n").await;
     expect_error(&server, "/product/image/503/w100.jpg", 502, "bad gateway\n").await;
-    expect_error(&server, "/product/image/403/w100.jpg", 502, "bad gateway\n").await;
+    expect_error(&server, "/product/image/401/w100.jpg", 502, "bad gateway\n").await;
     expect_error(&server, "/product/image/404/w100.jpg", 404, "not found\n").await;
     expect_error(&server, "/product/image/410/w100.jpg", 404, "not found\n").await;
     assert_nothing_cached(&server).await;
