@@ -259,90 +259,16 @@ pub(crate) fn map_reqwest(err: reqwest::Error) -> SourceError {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::{Arc, Mutex};
     use std::time::Instant;
 
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    use tokio::net::{TcpListener, TcpStream};
-
     use super::*;
+    use crate::source::raw_origin::{response, Behaviour, RawOrigin};
 
-    /// What the test origin does after reading a request's head.
-    #[derive(Clone)]
-    enum Behaviour {
-        /// Writes these bytes (a whole response) and closes.
-        Reply(Vec<u8>),
-        /// Writes the head, then one body byte every `every` until `count` bytes, then closes.
-        Trickle {
-            head: Vec<u8>,
-            count: usize,
-            every: Duration,
-        },
-        /// Reads the request and never answers.
-        Silent,
-        /// Sends a head without a length, then body bytes as fast as it can, forever.
-        Endless,
-    }
-
-    /// A one-purpose HTTP/1.1 origin on a loopback port. Returns its base URL and the request
-    /// heads it received (lower-cased), so tests can check what we sent.
-    async fn origin(behaviour: Behaviour) -> (url::Url, Arc<Mutex<Vec<String>>>) {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let heads = Arc::new(Mutex::new(Vec::new()));
-        let seen = heads.clone();
-        tokio::spawn(async move {
-            while let Ok((sock, _)) = listener.accept().await {
-                tokio::spawn(serve(sock, behaviour.clone(), seen.clone()));
-            }
-        });
-        let base = url::Url::parse(&format!("http://{addr}/base")).expect("url");
-        (base, heads)
-    }
-
-    async fn serve(mut sock: TcpStream, behaviour: Behaviour, seen: Arc<Mutex<Vec<String>>>) {
-        let mut head = Vec::new();
-        let mut buf = [0u8; 1024];
-        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-            match sock.read(&mut buf).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => head.extend_from_slice(&buf[..n]),
-            }
-        }
-        if let Ok(mut v) = seen.lock() {
-            v.push(String::from_utf8_lossy(&head).to_lowercase());
-        }
-        match behaviour {
-            Behaviour::Reply(bytes) => {
-                let _ = sock.write_all(&bytes).await;
-                let _ = sock.shutdown().await;
-            }
-            Behaviour::Trickle { head, count, every } => {
-                let _ = sock.write_all(&head).await;
-                for _ in 0..count {
-                    tokio::time::sleep(every).await;
-                    if sock.write_all(b"x").await.is_err() {
-                        return;
-                    }
-                }
-            }
-            Behaviour::Endless => {
-                let _ = sock.write_all(&response("200 OK", "", b"")).await;
-                let block = [7u8; 16 * 1024];
-                while sock.write_all(&block).await.is_ok() {}
-            }
-            Behaviour::Silent => {
-                // Hold the connection open well past any test deadline.
-                tokio::time::sleep(Duration::from_secs(30)).await;
-            }
-        }
-    }
-
-    fn response(status: &str, headers: &str, body: &[u8]) -> Vec<u8> {
-        let mut out =
-            format!("HTTP/1.1 {status}\r\nconnection: close\r\n{headers}\r\n").into_bytes();
-        out.extend_from_slice(body);
-        out
+    /// A one-purpose HTTP/1.1 origin on a loopback port, and the base URL below it.
+    async fn origin(behaviour: Behaviour) -> (url::Url, RawOrigin) {
+        let origin = RawOrigin::start("127.0.0.1", behaviour).await;
+        let base = url::Url::parse(&format!("{}/base", origin.url())).expect("url");
+        (base, origin)
     }
 
     fn with_length(status: &str, body: &[u8]) -> Behaviour {
@@ -386,10 +312,10 @@ mod tests {
 
     #[tokio::test]
     async fn ok_body_and_request_shape() {
-        let (base, heads) = origin(with_length("200 OK", b"original bytes")).await;
+        let (base, raw) = origin(with_length("200 OK", b"original bytes")).await;
         let got = source(base, limits(1000, 2000)).fetch(&req()).await;
         assert_eq!(got, Ok(Bytes::from_static(b"original bytes")));
-        let heads = heads.lock().expect("lock").clone();
+        let heads = raw.heads();
         assert_eq!(heads.len(), 1);
         assert!(
             heads[0].starts_with("get /base/product/image/42/original.jpg http/1.1\r\n"),
@@ -555,7 +481,7 @@ mod tests {
 
     #[tokio::test]
     async fn refused_connection_is_upstream() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         let addr = listener.local_addr().expect("addr");
         drop(listener);
         let base = url::Url::parse(&format!("http://{addr}/")).expect("url");

@@ -15,6 +15,8 @@
 pub mod guard;
 pub mod http;
 pub mod object;
+#[cfg(any(test, feature = "test-support"))]
+pub mod raw_origin;
 
 use std::error::Error as StdError;
 use std::sync::Arc;

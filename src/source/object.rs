@@ -203,6 +203,7 @@ mod tests {
     use std::time::{Duration, Instant};
 
     use super::*;
+    use crate::source::raw_origin::{Behaviour, RawOrigin};
 
     fn limits(max_bytes: u64) -> SourceLimits {
         SourceLimits {
@@ -333,60 +334,35 @@ mod tests {
     }
 
     /// A minimal S3-compatible GET endpoint on a loopback port: `/bucket/p/1` holds `abc`,
-    /// everything else is 404; `silent` makes it accept and never answer. Returns the request
-    /// heads it saw (lower-cased).
-    async fn fake_s3(silent: bool) -> (std::net::SocketAddr, Arc<std::sync::Mutex<Vec<String>>>) {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let heads = Arc::new(std::sync::Mutex::new(Vec::new()));
-        let seen = heads.clone();
-        tokio::spawn(async move {
-            while let Ok((mut sock, _)) = listener.accept().await {
-                let seen = seen.clone();
-                tokio::spawn(async move {
-                    if silent {
-                        tokio::time::sleep(Duration::from_secs(30)).await;
-                        return;
-                    }
-                    let mut head = Vec::new();
-                    let mut buf = [0u8; 1024];
-                    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                        match sock.read(&mut buf).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => head.extend_from_slice(&buf[..n]),
-                        }
-                    }
-                    let head = String::from_utf8_lossy(&head).to_lowercase();
-                    let found = head.starts_with("get /bucket/p/1 ");
-                    if let Ok(mut v) = seen.lock() {
-                        v.push(head);
-                    }
-                    let reply: &[u8] = if found {
-                        b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\netag: \"e\"\r\n\
-                          last-modified: Tue, 15 Nov 1994 08:12:31 GMT\r\nconnection: close\r\n\r\nabc"
-                    } else {
-                        b"HTTP/1.1 404 Not Found\r\ncontent-length: 35\r\nconnection: close\r\n\r\n\
-                          <Error><Code>NoSuchKey</Code></Error>"
-                    };
-                    let _ = sock.write_all(reply).await;
-                    let _ = sock.shutdown().await;
-                });
-            }
-        });
-        (addr, heads)
+    /// everything else is 404; `silent` makes it accept and never answer.
+    async fn fake_s3(silent: bool) -> (std::net::SocketAddr, RawOrigin) {
+        let behaviour = if silent {
+            Behaviour::Silent
+        } else {
+            Behaviour::Route(Arc::new(|head: &str| {
+                if head.starts_with("get /bucket/p/1 ") {
+                    b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\netag: \"e\"\r\n\
+                      last-modified: Tue, 15 Nov 1994 08:12:31 GMT\r\nconnection: close\r\n\r\nabc"
+                        .to_vec()
+                } else {
+                    b"HTTP/1.1 404 Not Found\r\ncontent-length: 35\r\nconnection: close\r\n\r\n\
+                      <Error><Code>NoSuchKey</Code></Error>"
+                        .to_vec()
+                }
+            }))
+        };
+        let origin = RawOrigin::start("127.0.0.1", behaviour).await;
+        (origin.addr, origin)
     }
 
     #[tokio::test]
     async fn s3_found_and_missing() {
-        let (addr, heads) = fake_s3(false).await;
+        let (addr, raw) = fake_s3(false).await;
         let s = ObjectSource::new("s3://bucket/p", &s3_at(addr), "{id}".into(), limits(100))
             .expect("source");
         assert_eq!(s.fetch(&req("1")).await, Ok(Bytes::from_static(b"abc")));
         assert_eq!(s.fetch(&req("2")).await, Err(SourceError::NotFound));
-        let heads = heads.lock().expect("lock").clone();
+        let heads = raw.heads();
         // Path-style (an endpoint is set) and signed with the configured key.
         assert!(
             heads[0].contains("authorization: aws4-hmac-sha256 credential=key/"),

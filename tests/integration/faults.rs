@@ -10,8 +10,8 @@ use image_server::server::Running;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::raw::{self, Behaviour, RawOrigin};
 use crate::support::{self, get, header, Origin, Reply};
+use image_server::source::raw_origin::{self as raw, Behaviour, RawOrigin};
 
 const ID: &str = "product/image/1";
 

@@ -12,7 +12,6 @@ mod faults;
 mod hostile;
 mod migration;
 mod operations;
-mod raw;
 mod seaweed;
 mod serve;
 mod source_override;

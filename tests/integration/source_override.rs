@@ -22,8 +22,8 @@ use image_server::source::guard::{AddressPolicy, SourceGuard};
 use image_server::source::{Source, SourceLimits};
 use reqwest::dns::{Addrs, Name, Resolve, Resolving};
 
-use crate::raw::{self, Behaviour, RawOrigin};
 use crate::support::{self, get, header, probe, Origin, Reply};
+use image_server::source::raw_origin::{self as raw, Behaviour, RawOrigin};
 
 /// Test DNS: a fixed table of names, every question recorded.
 #[derive(Clone, Default)]

@@ -1,9 +1,8 @@
-//! A raw-TCP loopback origin for the behaviours a well-behaved HTTP server cannot produce (a body
-//! shorter than its `Content-Length`, one byte a second, silence, a closed socket), and for counting
-//! connections rather than requests: the `?source=` tests prove an address was never dialled by
-//! watching its accept count. Binds only to 127.0.0.x.
-
-#![allow(dead_code)]
+//! For tests only (unit tests, and the integration tests through the `test-support` feature): a
+//! raw-TCP loopback origin for the behaviours a well-behaved HTTP server cannot produce (a body
+//! shorter than its `Content-Length`, one byte a second, an endless body, silence, a closed socket),
+//! and for counting connections rather than requests: the `?source=` tests prove an address was
+//! never dialled by watching its accept count. Binds only to 127.0.0.x.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -12,17 +11,28 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
+/// Makes a whole response from a request head (lower-cased).
+pub type Router = Arc<dyn Fn(&str) -> Vec<u8> + Send + Sync>;
+
 /// What the origin does with each connection.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub enum Behaviour {
     /// Reads the request head, writes these bytes (a whole response, or a lying one), closes.
     Reply(Vec<u8>),
+    /// Reads the request head, writes what the function makes of it (the head, lower-cased), closes.
+    Route(Router),
     /// Reads the request head, writes `head`, then one body byte every `every`, `count` times.
     Trickle {
+        /// The response head (and any first body bytes).
         head: Vec<u8>,
+        /// How many more body bytes.
         count: usize,
+        /// The pause before each.
         every: Duration,
     },
+    /// Reads the request head, writes a 200 head without a length, then body bytes as fast as it
+    /// can, forever.
+    Endless,
     /// Reads the request head and never answers (holds the socket open for a minute).
     Silent,
     /// Accepts and closes at once, before reading anything.
@@ -32,6 +42,7 @@ pub enum Behaviour {
 /// A raw loopback origin.
 #[derive(Clone)]
 pub struct RawOrigin {
+    /// Where it listens.
     pub addr: std::net::SocketAddr,
     accepts: Arc<AtomicUsize>,
     heads: Arc<Mutex<Vec<String>>>,
@@ -64,7 +75,7 @@ impl RawOrigin {
 
     /// Request heads received, lower-cased.
     pub fn heads(&self) -> Vec<String> {
-        self.heads.lock().expect("lock").clone()
+        self.heads.lock().map(|h| h.clone()).unwrap_or_default()
     }
 
     /// `http://{addr}`.
@@ -85,14 +96,23 @@ async fn serve(mut sock: TcpStream, behaviour: Behaviour, heads: Arc<Mutex<Vec<S
             Ok(n) => head.extend_from_slice(&buf[..n]),
         }
     }
-    heads
-        .lock()
-        .expect("lock")
-        .push(String::from_utf8_lossy(&head).to_lowercase());
+    let head = String::from_utf8_lossy(&head).to_lowercase();
+    if let Ok(mut seen) = heads.lock() {
+        seen.push(head.clone());
+    }
     match behaviour {
         Behaviour::Reply(bytes) => {
             let _ = sock.write_all(&bytes).await;
             let _ = sock.shutdown().await;
+        }
+        Behaviour::Route(route) => {
+            let _ = sock.write_all(&route(&head)).await;
+            let _ = sock.shutdown().await;
+        }
+        Behaviour::Endless => {
+            let _ = sock.write_all(&response("200 OK", "", b"")).await;
+            let block = [7u8; 16 * 1024];
+            while sock.write_all(&block).await.is_ok() {}
         }
         Behaviour::Trickle { head, count, every } => {
             let _ = sock.write_all(&head).await;
