@@ -278,6 +278,20 @@ impl Budgets {
         Slot(self.avif_slots.clone().acquire_owned().await.ok())
     }
 
+    /// A slot and `bytes` of memory for a background render, now or never: only when no foreground
+    /// render is waiting (queued, fetching or holding its original) and both are free at once. A
+    /// background render therefore never delays a foreground one by more than it takes to notice a
+    /// request arriving while it runs, and under load it does not start at all.
+    pub fn try_background(&self, bytes: u64) -> Option<(Slot, Reserved)> {
+        if self.queued() > 0 {
+            return None;
+        }
+        let units = u32::try_from(bytes.div_ceil(MEMORY_UNIT)).ok()?;
+        let reserved = self.memory.clone().try_acquire_many_owned(units).ok()?;
+        let slot = self.slots.clone().try_acquire_owned().ok()?;
+        Some((Slot(Some(slot)), Reserved(Some(reserved))))
+    }
+
     /// Renders running now.
     pub fn running(&self) -> usize {
         self.concurrency - self.slots.available_permits().min(self.concurrency)
@@ -431,6 +445,26 @@ mod tests {
         assert!(pending(b.reserve(2 << 20)).await, "waits for room");
         drop(three);
         assert_eq!(b.memory_reserved(), 0);
+    }
+
+    /// The background lane takes a slot only when no foreground render waits and one is free.
+    #[tokio::test(start_paused = true)]
+    async fn background_renders_only_start_on_an_idle_pool() {
+        let b = Budgets::new(BudgetConfig::with_concurrency(2));
+        let background = b.try_background(1 << 20).expect("an idle pool");
+        assert_eq!(b.running(), 1);
+        drop(background);
+        // A foreground request waiting in the queue: no background render starts.
+        let waiting = b.admit(Format::Jpeg).expect("admitted");
+        assert!(b.try_background(1 << 20).is_none());
+        drop(waiting);
+        // Every slot busy: none either.
+        let (one, two) = (b.slot().await, b.slot().await);
+        assert!(b.try_background(1 << 20).is_none());
+        drop((one, two));
+        // More memory than is free: none.
+        assert!(b.try_background(2 << 30).is_none());
+        assert!(b.try_background(1 << 20).is_some());
     }
 
     #[tokio::test(start_paused = true)]

@@ -29,6 +29,7 @@ pub mod error;
 pub mod image;
 pub mod metrics;
 pub mod pipeline;
+pub mod popular;
 pub mod request;
 pub mod server;
 pub mod service;

@@ -57,6 +57,9 @@ pub const TIME_PROCESS: &str = "time.process";
 pub const TIME_TOTAL: &str = "time.total";
 /// Gauge: renders running now.
 pub const PROCESSING_CURRENT: &str = "processing.current";
+/// Counter: background pre-renders of popular versions, by outcome:
+/// `prerender.{rendered,skipped,dropped}`.
+pub const PRERENDER: &str = "prerender";
 /// Gauge: original downloads running now.
 pub const DOWNLOADS_CURRENT: &str = "downloads.current";
 /// Gauge: renders waiting for a pool slot.
@@ -108,6 +111,10 @@ pub const COUNTERS: &[(&str, &str)] = &[
     (
         PURGE,
         "status-port purge calls, by outcome: purge.{ok,unauthorized,bad_id,disabled,failed}",
+    ),
+    (
+        PRERENDER,
+        "background pre-renders of popular versions: prerender.{rendered,skipped,dropped}",
     ),
     (
         CONNECTION_CLOSED,

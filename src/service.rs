@@ -133,6 +133,9 @@ impl App {
         let served = tokio::time::timeout(self.config.request_timeout, serve)
             .await
             .map_err(|_| Error::Timeout)??;
+        if origin == Origin::Configured {
+            self.pipeline.record(&parsed, format);
+        }
         let tier = served.tier;
         Ok((
             self.image_response(&parsed, served, negotiated, req.headers(), head),

@@ -32,6 +32,11 @@ impl App {
                 "application/json",
                 self.status_json().await.to_string(),
             ),
+            (&Method::GET, "/versions") => (
+                StatusCode::OK,
+                "application/json",
+                self.versions_json().to_string(),
+            ),
             (&Method::GET, "/health") => {
                 let ok = tokio::task::spawn_blocking(vips::self_test).await;
                 match ok {
@@ -172,6 +177,7 @@ impl App {
             "connections": { "image": self.rooms.image.len(), "status": self.rooms.status.len() },
             "downloads": { "current": stats.downloads_current, "total": stats.downloads_total },
             "queue_depth": stats.queue_depth,
+            "popular_versions": self.pipeline.popularity().summary(),
             "source": self.pipeline.source().describe(),
             "cache": {
                 "memory": {
@@ -186,6 +192,18 @@ impl App {
             },
             "limits": self.config.describe(),
         })
+    }
+}
+
+impl App {
+    /// `/versions`: every class with its versions and their decayed request counts, best first.
+    fn versions_json(&self) -> serde_json::Value {
+        let table = self.pipeline.popularity().table(std::time::Instant::now());
+        let classes: serde_json::Map<String, serde_json::Value> = table
+            .into_iter()
+            .map(|(class, ranked)| (class, serde_json::json!(ranked)))
+            .collect();
+        serde_json::json!({ "classes": classes })
     }
 }
 

@@ -77,6 +77,20 @@ impl MemoryCache {
         found
     }
 
+    /// Whether `key` is in memory, without counting a hit or a miss (the background pre-render
+    /// asks).
+    pub fn contains(&self, key: &CacheKey) -> bool {
+        self.variants.contains_key(key)
+    }
+
+    /// Keeps a variant rendered outside a request (the background pre-render), unless it is over
+    /// `memory_cache_max_entry_kb`.
+    pub async fn insert(&self, key: CacheKey, variant: Arc<Variant>) {
+        if variant.bytes.len() as u64 <= self.max_entry_bytes {
+            self.variants.insert(key, variant).await;
+        }
+    }
+
     /// Returns the cached variant or runs `load` once for all concurrent callers of this key.
     ///
     /// The load runs in a spawned task: if every caller goes away it still completes and fills the

@@ -232,12 +232,7 @@ impl Processor {
         wanted: &(dyn Fn() -> bool + Sync),
     ) -> Result<Rendered, ImageError> {
         let limits = self.limits;
-        let inspection = {
-            let original = original.clone();
-            tokio::task::spawn_blocking(move || vips::inspect(&original, &limits))
-                .await
-                .map_err(|e| ImageError::Internal(format!("inspect task: {e}")))??
-        };
+        let inspection = self.inspect(&original).await?;
         let cost = cost::estimate(&inspection, &spec, self.max_avif_pixels)?;
         let budgets = &self.budgets;
         let _avif = if spec.format == Format::Avif {
@@ -262,6 +257,43 @@ impl Processor {
         handle
             .await
             .map_err(|e| ImageError::Internal(format!("render task: {e}")))?
+    }
+
+    /// Renders in the background lane, only if a slot and the memory the render needs are free right
+    /// now and no foreground render is waiting ([`Budgets::try_background`]); `Ok(None)` when not.
+    /// AVIF is never rendered in the background: its encoder is the slowest by far, and its own
+    /// pool belongs to clients. Not counted in [`Processor::total`].
+    pub async fn render_background(
+        &self,
+        original: Bytes,
+        spec: RenderSpec,
+    ) -> Result<Option<Rendered>, ImageError> {
+        if spec.format == Format::Avif {
+            return Ok(None);
+        }
+        let limits = self.limits;
+        let inspection = self.inspect(&original).await?;
+        let cost = cost::estimate(&inspection, &spec, self.max_avif_pixels)?;
+        let Some(held) = self.budgets.try_background(cost.bytes) else {
+            return Ok(None);
+        };
+        let deadline = Deadline::after(self.render_timeout);
+        tokio::task::spawn_blocking(move || {
+            let _held = held;
+            render::render_within(&original, &spec, &limits, &deadline, &inspection)
+        })
+        .await
+        .map_err(|e| ImageError::Internal(format!("render task: {e}")))?
+        .map(Some)
+    }
+
+    /// The header and (for a JPEG) the marker walk, on a blocking thread, without a slot.
+    async fn inspect(&self, original: &Bytes) -> Result<cost::Inspection, ImageError> {
+        let limits = self.limits;
+        let original = original.clone();
+        tokio::task::spawn_blocking(move || vips::inspect(&original, &limits))
+            .await
+            .map_err(|e| ImageError::Internal(format!("inspect task: {e}")))?
     }
 
     /// The budgets this pool works within.

@@ -22,17 +22,24 @@ use crate::config::Config;
 use crate::error::Error;
 use crate::image::{ImageError, Processor, RenderSpec};
 use crate::metrics as m;
-use crate::request::{CacheKey, DefaultQuality, Format, ImageRequest};
+use crate::popular::Popularity;
+use crate::request::{CacheKey, DefaultQuality, Format, ImageRequest, Rules};
 use crate::source::guard::SourceGuard;
 use crate::source::{Source, SourceError};
 
 mod origin;
+mod prerender;
 
 pub use self::origin::Origin;
 
 /// How long a downloaded original stays in memory without being asked for again. Replaced images
 /// are dropped at once by `purge`; this bounds staleness when nobody purges.
 const ORIGINAL_IDLE_TTL: Duration = Duration::from_secs(600);
+
+/// `popular_halflife` until the configuration names it.
+const POPULAR_HALFLIFE: Duration = Duration::from_secs(3600);
+/// `prerender_popular` until the configuration names it.
+const PRERENDER_POPULAR: usize = 3;
 
 /// The orchestration of one image request. Cheap to clone (everything inside is shared).
 #[derive(Clone)]
@@ -57,6 +64,14 @@ struct Inner {
     /// Requesters waiting for each key's load, so a queued render nobody waits for any more is
     /// dropped before it starts.
     waiting: Waiting,
+    /// The versions each class is asked for.
+    popularity: Popularity,
+    /// `prerender_popular`: versions rendered in the background after a foreground miss.
+    prerender_count: usize,
+    /// The background lane.
+    lane: prerender::Lane,
+    /// The URL rules, for the versions the background lane renders.
+    rules: Rules,
 }
 
 /// What answered a request.
@@ -106,6 +121,7 @@ impl Pipeline {
         overrides: Option<SourceGuard>,
     ) -> Pipeline {
         let budgets = Arc::new(Budgets::new(BudgetConfig::from_config(&config)));
+        let rules = config.rules();
         let processor = Processor::new(
             budgets.clone(),
             config.decode_limits(),
@@ -136,6 +152,10 @@ impl Pipeline {
                 overrides,
                 store_warning: RateLimitedWarning::default(),
                 waiting: Waiting::default(),
+                popularity: Popularity::new(POPULAR_HALFLIFE),
+                prerender_count: PRERENDER_POPULAR,
+                lane: prerender::Lane::default(),
+                rules,
             }),
         }
     }
@@ -252,6 +272,17 @@ impl Pipeline {
         Ok(true)
     }
 
+    /// Counts a version as asked for by a client (after an image answer; background renders and
+    /// `warm` never call this).
+    pub fn record(&self, req: &ImageRequest, format: Format) {
+        self.inner.record(req, format);
+    }
+
+    /// The versions asked for, per class (the status port's `/versions`).
+    pub fn popularity(&self) -> &Popularity {
+        &self.inner.popularity
+    }
+
     /// The `?source=` guard, when overrides are enabled.
     pub fn source_guard(&self) -> Option<&SourceGuard> {
         self.inner.overrides.as_ref()
@@ -338,6 +369,9 @@ impl Inner {
         if let Some(remote) = &this.remote {
             remote.enqueue(key, variant.clone());
         }
+        if origin == Origin::Configured {
+            this.after_miss(&req, format).await;
+        }
         Ok(variant)
     }
 
@@ -359,16 +393,7 @@ impl Inner {
             return Err(ImageError::Abandoned.into());
         }
         let original = self.original(req, origin).await?;
-        let spec = RenderSpec {
-            version: req.version,
-            format,
-            quality: req.effective_quality(format, &self.defaults),
-            gravity: self.config.crop_gravity,
-            enlarge: self.config.enlarge,
-            background: self.config.background,
-            progressive: self.config.progressive_jpeg,
-            avif_effort: self.config.avif_effort,
-        };
+        let spec = self.spec(req, format);
         let started = Instant::now();
         let rendered = self
             .processor
@@ -396,6 +421,20 @@ impl Inner {
             SystemTime::now(),
             Tier::Miss,
         ))
+    }
+
+    /// What a render of `req` as `format` is asked to make.
+    fn spec(&self, req: &ImageRequest, format: Format) -> RenderSpec {
+        RenderSpec {
+            version: req.version,
+            format,
+            quality: req.effective_quality(format, &self.defaults),
+            gravity: self.config.crop_gravity,
+            enlarge: self.config.enlarge,
+            background: self.config.background,
+            progressive: self.config.progressive_jpeg,
+            avif_effort: self.config.avif_effort,
+        }
     }
 
     /// The original's bytes: from the originals cache, or one download shared by every caller.

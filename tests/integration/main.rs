@@ -12,6 +12,7 @@ mod faults;
 mod hostile;
 mod migration;
 mod operations;
+mod prerender;
 mod seaweed;
 mod serve;
 mod source_override;
