@@ -173,6 +173,8 @@ impl App {
                 "total": stats.processing_total,
                 "abandoned": stats.abandoned,
                 "memory_reserved_bytes": stats.memory_reserved,
+                "decodes": stats.decodes,
+                "shared_decodes": stats.shared,
             },
             "connections": { "image": self.rooms.image.len(), "status": self.rooms.status.len() },
             "downloads": { "current": stats.downloads_current, "total": stats.downloads_total },

@@ -77,7 +77,7 @@ pub async fn warm(config: Config, args: WarmArgs) -> anyhow::Result<ExitCode> {
         }
     }
 
-    let total = plan.tasks.len();
+    let total = plan.variants();
     let mut tally = Tally {
         duplicates: plan.duplicates,
         ..Tally::default()
@@ -86,7 +86,8 @@ pub async fn warm(config: Config, args: WarmArgs) -> anyhow::Result<ExitCode> {
     let force = args.force;
     let mut results = stream::iter(plan.tasks)
         .map(|task| run_task(&pipeline, task, force, deadline))
-        .buffer_unordered(jobs);
+        .buffer_unordered(jobs)
+        .flat_map(stream::iter);
     let mut tick = tokio::time::interval(progress.tick());
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     tick.tick().await; // the first tick is immediate; nothing to show yet
@@ -117,7 +118,12 @@ pub async fn warm(config: Config, args: WarmArgs) -> anyhow::Result<ExitCode> {
     progress.clear();
     println!(
         "{}",
-        tally.summary(total, progress.started.elapsed(), stopped)
+        tally.summary(
+            total,
+            progress.started.elapsed(),
+            stopped,
+            pipeline.stats().decodes
+        )
     );
     Ok(if stopped {
         ExitCode::from(EXIT_INTERRUPTED)
@@ -128,14 +134,20 @@ pub async fn warm(config: Config, args: WarmArgs) -> anyhow::Result<ExitCode> {
     })
 }
 
-/// One unit of `warm`: a variant to render, or a name that failed to parse (reported, not run).
+/// One unit of `warm`: the versions of one original, rendered together (one download, and one
+/// decode where they allow it), or a name that failed to parse (reported, not run).
 enum Task {
-    Render { path: String, req: ImageRequest },
-    Invalid { path: String, error: Error },
+    Original {
+        paths: Vec<String>,
+        reqs: Vec<ImageRequest>,
+    },
+    Invalid {
+        path: String,
+        error: Error,
+    },
 }
 
-/// The variants to warm, id-major so the versions of one original run together and share its one
-/// download (the pipeline's originals cache coalesces them).
+/// The variants to warm, one task per original.
 struct Plan {
     tasks: Vec<Task>,
     /// Names equivalent to an earlier one (`x400` after `400x400`, a repeated id): rendered once.
@@ -148,12 +160,14 @@ impl Plan {
         let mut keys = HashSet::new();
         let mut duplicates = 0;
         for id in ids {
+            let (mut paths, mut reqs) = (Vec::new(), Vec::new());
             for version in versions {
                 let path = format!("/{id}/{version}");
                 match ImageRequest::parse(&path, rules) {
                     Ok(req) => {
                         if keys.insert(req.cache_key(req.format)) {
-                            tasks.push(Task::Render { path, req });
+                            paths.push(path);
+                            reqs.push(req);
                         } else {
                             duplicates += 1;
                         }
@@ -164,25 +178,40 @@ impl Plan {
                     }),
                 }
             }
+            if !reqs.is_empty() {
+                tasks.push(Task::Original { paths, reqs });
+            }
         }
         Plan { tasks, duplicates }
     }
+
+    /// How many variants the tasks name.
+    fn variants(&self) -> usize {
+        self.tasks
+            .iter()
+            .map(|t| match t {
+                Task::Original { reqs, .. } => reqs.len(),
+                Task::Invalid { .. } => 1,
+            })
+            .sum()
+    }
 }
 
-/// Runs one task under the request deadline; `Ok(true)` rendered, `Ok(false)` already stored.
+/// Runs one task under the request deadline; per variant `Ok(true)` rendered, `Ok(false)` already
+/// stored.
 async fn run_task(
     pipeline: &Pipeline,
     task: Task,
     force: bool,
     deadline: Duration,
-) -> (String, Result<bool, Error>) {
+) -> Vec<(String, Result<bool, Error>)> {
     match task {
-        Task::Invalid { path, error } => (path, Err(error)),
-        Task::Render { path, req } => {
-            let outcome = tokio::time::timeout(deadline, pipeline.warm(&req, force))
+        Task::Invalid { path, error } => vec![(path, Err(error))],
+        Task::Original { paths, reqs } => {
+            let outcomes = tokio::time::timeout(deadline, pipeline.warm_versions(&reqs, force))
                 .await
-                .unwrap_or(Err(Error::Timeout));
-            (path, outcome)
+                .unwrap_or_else(|_| vec![Err(Error::Timeout); reqs.len()]);
+            paths.into_iter().zip(outcomes).collect()
         }
     }
 }
@@ -225,7 +254,7 @@ impl Tally {
     }
 
     /// The closing line(s): counts, rate, and failures by reason.
-    fn summary(&self, total: usize, elapsed: Duration, interrupted: bool) -> String {
+    fn summary(&self, total: usize, elapsed: Duration, interrupted: bool, decodes: u64) -> String {
         let secs = elapsed.as_secs_f64();
         let rate = if secs > 0.0 {
             self.done() as f64 / secs
@@ -238,6 +267,7 @@ impl Tally {
             self.skipped,
             self.failed(),
         );
+        let _ = write!(s, "; {decodes} decodes");
         if self.duplicates > 0 {
             let _ = write!(s, "; {} duplicate names ignored", self.duplicates);
         }
@@ -370,26 +400,31 @@ mod tests {
             .tasks
             .iter()
             .map(|t| match t {
-                Task::Render { req, .. } => req.cache_key(req.format).to_string(),
+                Task::Original { reqs, .. } => reqs
+                    .iter()
+                    .map(|r| r.cache_key(r.format).to_string())
+                    .collect::<Vec<_>>()
+                    .join(" + "),
                 Task::Invalid { path, error } => format!("{path} {}", error.kind()),
             })
             .collect();
+        // One task per original with all its valid versions (rendered together), after its
+        // invalid names.
         assert_eq!(
             names,
             [
-                "p/i/1/w200.jpg",
-                "p/i/1/400x400.webp",
                 "/p/i/1/w99999.jpg too_large",
                 "/p/i/1/nope.jpg unknown_version",
-                "p/i/2/w200.jpg",
-                "p/i/2/400x400.webp",
+                "p/i/1/w200.jpg + p/i/1/400x400.webp",
                 "/p/i/2/w99999.jpg too_large",
                 "/p/i/2/nope.jpg unknown_version",
+                "p/i/2/w200.jpg + p/i/2/400x400.webp",
                 // The repeated id: its invalid names are reported again, its valid ones are not.
                 "/p/i/1/w99999.jpg too_large",
                 "/p/i/1/nope.jpg unknown_version",
             ]
         );
+        assert_eq!(plan.variants(), 10);
         // x400.webp ≡ 400x400.webp (×3 ids) and the repeated id's two valid names.
         assert_eq!(plan.duplicates, 5);
     }
@@ -420,9 +455,11 @@ mod tests {
             t.record(&o);
         }
         assert_eq!((t.done(), t.failed()), (6, 3));
-        let s = t.summary(10, Duration::from_secs(2), true);
+        let s = t.summary(10, Duration::from_secs(2), true, 1);
         assert!(
-            s.starts_with("warm: 2 rendered, 1 skipped, 3 failed of 10 variants in 2.0 s (3.0/s)"),
+            s.starts_with(
+                "warm: 2 rendered, 1 skipped, 3 failed of 10 variants in 2.0 s (3.0/s); 1 decodes"
+            ),
             "{s}"
         );
         assert!(s.contains("interrupted with 4 not done"), "{s}");

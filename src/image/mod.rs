@@ -10,10 +10,12 @@ pub mod cost;
 #[cfg(any(test, feature = "test-support"))]
 pub mod fixtures;
 pub mod geometry;
+mod group;
 pub mod jpeg;
 pub mod markers;
 pub mod render;
 pub mod resample;
+pub mod shared;
 pub mod vips;
 pub mod webp;
 
@@ -178,6 +180,12 @@ pub struct Processor {
     max_avif_pixels: u64,
     total: AtomicU64,
     abandoned: AtomicU64,
+    /// Renders of one original waiting together, for one decode.
+    groups: group::Groups,
+    /// Decode passes (a group of versions sharing one decode is one).
+    decodes: AtomicU64,
+    /// Versions rendered from another version's decode.
+    shared: AtomicU64,
 }
 
 impl Processor {
@@ -196,6 +204,9 @@ impl Processor {
             max_avif_pixels,
             total: AtomicU64::new(0),
             abandoned: AtomicU64::new(0),
+            groups: group::Groups::default(),
+            decodes: AtomicU64::new(0),
+            shared: AtomicU64::new(0),
         }
     }
 
@@ -242,21 +253,120 @@ impl Processor {
             None
         };
         let reserved = budgets.reserve(cost.bytes).await?;
+        // Another version of this original waiting for a slot too: share its decode.
+        let lease = if spec.format != Format::Avif && inspection.jpeg.is_some() {
+            match self.groups.join(&original, &spec) {
+                group::Role::Leader(lease) => Some(lease),
+                group::Role::Member(rx) => match rx.await {
+                    Ok(result) => return result,
+                    // The leader went away before its slot: render alone.
+                    Err(_) => None,
+                },
+            }
+        } else {
+            None
+        };
         let slot = budgets.slot().await;
         ticket.unstage();
-        if !wanted() {
+        let members = lease.map(group::Lease::close).unwrap_or_default();
+        if !wanted() && members.is_empty() {
             self.abandoned.fetch_add(1, Ordering::Relaxed);
             return Err(ImageError::Abandoned);
         }
         self.total.fetch_add(1, Ordering::Relaxed);
+        self.shared
+            .fetch_add(members.len() as u64, Ordering::Relaxed);
         let deadline = Deadline::after(self.render_timeout);
         let handle = tokio::task::spawn_blocking(move || {
             let _held = (slot, reserved);
-            render::render_within(&original, &spec, &limits, &deadline, &inspection)
+            if members.is_empty() {
+                let result =
+                    render::render_within(&original, &spec, &limits, &deadline, &inspection);
+                return (result, 1);
+            }
+            let (txs, mut specs): (Vec<_>, Vec<_>) =
+                members.into_iter().map(|m| (m.tx, m.spec)).unzip();
+            specs.insert(0, spec);
+            let (mut results, decodes) =
+                shared::render_shared(&original, &specs, &limits, &deadline, &inspection);
+            let own = results.remove(0);
+            for (tx, result) in txs.into_iter().zip(results) {
+                // A member whose client went away no longer listens.
+                let _ = tx.send(result);
+            }
+            (own, decodes)
         });
-        handle
+        let (result, decodes) = handle
             .await
-            .map_err(|e| ImageError::Internal(format!("render task: {e}")))?
+            .map_err(|e| ImageError::Internal(format!("render task: {e}")))?;
+        self.decodes.fetch_add(decodes, Ordering::Relaxed);
+        result
+    }
+
+    /// Renders several versions of one original with one `ticket` and one slot, sharing one decode
+    /// where [`shared`] can (`warm`, which knows every version it wants up front). AVIF is not
+    /// taken here: it has its own pool (the result for an AVIF spec is
+    /// [`ImageError::UnsupportedFormat`]; callers render AVIF through [`Processor::render`]). The
+    /// memory reserved is the largest single estimate: the versions are made one after another.
+    pub async fn render_many(
+        &self,
+        mut ticket: Ticket,
+        original: Bytes,
+        specs: &[RenderSpec],
+    ) -> Result<Vec<Result<Rendered, ImageError>>, ImageError> {
+        let limits = self.limits;
+        let inspection = self.inspect(&original).await?;
+        let mut results: Vec<Option<Result<Rendered, ImageError>>> = vec![None; specs.len()];
+        let mut wanted = Vec::new();
+        let mut bytes = 0;
+        for (i, spec) in specs.iter().enumerate() {
+            if spec.format == Format::Avif {
+                results[i] = Some(Err(ImageError::UnsupportedFormat));
+                continue;
+            }
+            match cost::estimate(&inspection, spec, self.max_avif_pixels) {
+                Ok(cost) => {
+                    bytes = bytes.max(cost.bytes);
+                    wanted.push(i);
+                }
+                Err(e) => results[i] = Some(Err(e)),
+            }
+        }
+        if !wanted.is_empty() {
+            let reserved = self.budgets.reserve(bytes).await?;
+            let slot = self.budgets.slot().await;
+            ticket.unstage();
+            self.total.fetch_add(1, Ordering::Relaxed);
+            self.shared
+                .fetch_add(wanted.len() as u64 - 1, Ordering::Relaxed);
+            let chosen: Vec<RenderSpec> = wanted.iter().map(|&i| specs[i].clone()).collect();
+            let deadline = Deadline::after(self.render_timeout);
+            let (rendered, decodes) = tokio::task::spawn_blocking(move || {
+                let _held = (slot, reserved);
+                shared::render_shared(&original, &chosen, &limits, &deadline, &inspection)
+            })
+            .await
+            .map_err(|e| ImageError::Internal(format!("render task: {e}")))?;
+            self.decodes.fetch_add(decodes, Ordering::Relaxed);
+            for (i, result) in wanted.into_iter().zip(rendered) {
+                results[i] = Some(result);
+            }
+        }
+        Ok(results
+            .into_iter()
+            .map(|r| r.unwrap_or(Err(ImageError::Internal("not rendered".into()))))
+            .collect())
+    }
+
+    /// Decode passes since start-up: one per render, and one per group of versions sharing a
+    /// decode.
+    pub fn decodes(&self) -> u64 {
+        self.decodes.load(Ordering::Relaxed)
+    }
+
+    /// Versions rendered from another version's decode since start-up.
+    pub fn shared(&self) -> u64 {
+        self.shared.load(Ordering::Relaxed)
     }
 
     /// Renders in the background lane, only if a slot and the memory the render needs are free right
@@ -278,6 +388,7 @@ impl Processor {
             return Ok(None);
         };
         let deadline = Deadline::after(self.render_timeout);
+        self.decodes.fetch_add(1, Ordering::Relaxed);
         tokio::task::spawn_blocking(move || {
             let _held = held;
             render::render_within(&original, &spec, &limits, &deadline, &inspection)
@@ -422,6 +533,61 @@ mod tests {
         drop((place, avif_busy));
         let rendered = render.await.expect("task").expect("render");
         assert_eq!((rendered.format, rendered.width), (Format::Avif, 8));
+    }
+
+    /// Versions of one original that wait for the pool together share one decode, and each comes
+    /// out as its own render would (these share their shrink-on-load factor).
+    #[tokio::test]
+    async fn concurrent_sizes_of_one_original_share_one_decode() {
+        let p = processor(BudgetConfig::with_concurrency(1));
+        let original = Bytes::from(crate::image::fixtures::jpeg(1600, 1200, 85));
+        let versions = [
+            Version::Width(100),
+            Version::Width(150),
+            Version::Cover {
+                width: 120,
+                height: 90,
+            },
+        ];
+        // The only slot, held: the three renders gather behind it.
+        let busy = p.budgets().slot().await;
+        let renders: Vec<_> = versions
+            .iter()
+            .map(|v| {
+                let (p, original) = (p.clone(), original.clone());
+                let spec = RenderSpec {
+                    version: *v,
+                    ..spec()
+                };
+                tokio::spawn(async move { p.render(original, spec).await })
+            })
+            .collect();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while p.groups.waiting() < versions.len() - 1 {
+            assert!(Instant::now() < deadline, "the renders never gathered");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        drop(busy);
+        let mut shared = Vec::new();
+        for render in renders {
+            shared.push(render.await.expect("task").expect("render"));
+        }
+        assert_eq!((p.decodes(), p.shared()), (1, 2));
+        // Each byte for byte as rendered alone, one at a time.
+        for (v, got) in versions.iter().zip(&shared) {
+            let alone = p
+                .render(
+                    original.clone(),
+                    RenderSpec {
+                        version: *v,
+                        ..spec()
+                    },
+                )
+                .await
+                .expect("alone");
+            assert!(alone.bytes == got.bytes, "{v:?}");
+        }
+        assert_eq!(p.decodes(), 4);
     }
 
     /// A render whose estimate exceeds the whole memory budget is refused before it takes a slot;

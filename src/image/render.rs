@@ -243,11 +243,25 @@ fn render_with(
             )
             .map_err(internal)?;
     }
+    finish(img, plan.output, spec, in_memory, deadline)
+}
+
+/// The end of every render: `img` at its final size (`planned`), made 8-bit sRGB (grey kept for
+/// JPEG and PNG), flattened for JPEG, stripped of metadata and encoded once. `in_memory`: its pixels
+/// are already computed (else they are pulled into memory first, or, for a big JPEG or PNG, streamed
+/// from the decoder into the encoder).
+pub(super) fn finish(
+    mut img: VipsImage,
+    planned: Size,
+    spec: &RenderSpec,
+    in_memory: bool,
+    deadline: &Deadline,
+) -> Result<Rendered, ImageError> {
     let out = dims(&img)?;
-    if out != plan.output {
+    if out != planned {
         return Err(ImageError::Internal(format!(
             "geometry: got {}x{}, planned {}x{}",
-            out.width, out.height, plan.output.width, plan.output.height
+            out.width, out.height, planned.width, planned.height
         )));
     }
 
@@ -339,7 +353,7 @@ fn vips_streaming(
 /// The longest side each encoder can write: WebP stores sides in 14 bits, JPEG and GIF in 16 (libjpeg
 /// stops at 65500), AV1 frames at 65536. Checked up front so a too-large `full_size` is a 422, not an
 /// encoder failure (500).
-fn encoder_max_side(format: Format) -> u32 {
+pub(super) fn encoder_max_side(format: Format) -> u32 {
     match format {
         Format::Webp => 16_383,
         Format::Jpeg => 65_500,
@@ -354,12 +368,12 @@ fn encoder_max_side(format: Format) -> u32 {
 /// and never holds the whole decoded image. 4 Mpx is at most 16 MB per render in memory. Shrink-on-load
 /// leaves a JPEG (or WebP) decode under 4× the resized pixels unless the shrink is capped at 8, so
 /// every output up to 1 Mpx from such an original takes the in-memory path.
-const RESAMPLE_MAX_PIXELS: u64 = 1 << 22;
+pub(super) const RESAMPLE_MAX_PIXELS: u64 = 1 << 22;
 
 /// The libvips interpretation nick to label [`resample`]'s output with, when the decoded image is one
 /// it can take: 8-bit, 1–4 bands, sRGB, greyscale or CMYK, and at most [`RESAMPLE_MAX_PIXELS`].
 /// `None` sends the render down the libvips resize path.
-fn resample_space(img: &VipsImage) -> Option<&'static str> {
+pub(super) fn resample_space(img: &VipsImage) -> Option<&'static str> {
     if img.get_format().ok()? != BandFormat::Uchar || !(1..=4).contains(&img.get_bands()) {
         return None;
     }

@@ -100,6 +100,10 @@ pub struct PipelineStats {
     pub abandoned: u64,
     /// Bytes of `max_memory_mb` reserved by renders now.
     pub memory_reserved: u64,
+    /// Decode passes since start-up (versions sharing a decode count once).
+    pub decodes: u64,
+    /// Versions rendered from another version's decode since start-up.
+    pub shared: u64,
 }
 
 impl PipelineStats {
@@ -272,6 +276,63 @@ impl Pipeline {
         Ok(true)
     }
 
+    /// [`Pipeline::warm`] for several versions of one original (`reqs` share model, type and id):
+    /// one download and, where the versions allow, one decode for all. Results in the order of
+    /// `reqs`.
+    pub async fn warm_versions(
+        &self,
+        reqs: &[ImageRequest],
+        force: bool,
+    ) -> Vec<Result<bool, Error>> {
+        let inner = &self.inner;
+        let Some(remote) = &inner.remote else {
+            let none = Error::Internal("no result_store configured".into());
+            return vec![Err(none); reqs.len()];
+        };
+        let mut results: Vec<Option<Result<bool, Error>>> = vec![None; reqs.len()];
+        let mut todo = Vec::new();
+        for (i, req) in reqs.iter().enumerate() {
+            let key = req.cache_key(req.format);
+            if !force {
+                match remote.exists(&key).await {
+                    Ok(true) => {
+                        results[i] = Some(Ok(false));
+                        continue;
+                    }
+                    Ok(false) => {}
+                    Err(e) => {
+                        results[i] = Some(Err(Error::Internal(e.to_string())));
+                        continue;
+                    }
+                }
+            }
+            if req.format == Format::Avif {
+                results[i] = Some(self.warm(req, true).await);
+            } else {
+                todo.push(i);
+            }
+        }
+        if !todo.is_empty() {
+            let chosen: Vec<ImageRequest> = todo.iter().map(|&i| reqs[i].clone()).collect();
+            let rendered = inner.render_many(&chosen).await;
+            for (i, variant) in todo.into_iter().zip(rendered) {
+                let outcome = match variant {
+                    Ok(variant) => remote
+                        .put(&reqs[i].cache_key(reqs[i].format), &variant)
+                        .await
+                        .map(|()| true)
+                        .map_err(|e| Error::Internal(e.to_string())),
+                    Err(e) => Err(e),
+                };
+                results[i] = Some(outcome);
+            }
+        }
+        results
+            .into_iter()
+            .map(|r| r.unwrap_or(Err(Error::Internal("not warmed".into()))))
+            .collect()
+    }
+
     /// Counts a version as asked for by a client (after an image answer; background renders and
     /// `warm` never call this).
     pub fn record(&self, req: &ImageRequest, format: Format) {
@@ -345,6 +406,8 @@ impl Inner {
             downloads_total: b.downloads_total(),
             abandoned: self.processor.abandoned(),
             memory_reserved: b.memory_reserved(),
+            decodes: self.processor.decodes(),
+            shared: self.processor.shared(),
         }
     }
 
@@ -421,6 +484,57 @@ impl Inner {
             SystemTime::now(),
             Tier::Miss,
         ))
+    }
+
+    /// Renders several versions of one original (for `warm`): one download, one slot, one decode
+    /// where the versions allow it.
+    async fn render_many(&self, reqs: &[ImageRequest]) -> Vec<Result<Variant, Error>> {
+        let all = |e: Error| vec![Err(e); reqs.len()];
+        let Some(first) = reqs.first() else {
+            return Vec::new();
+        };
+        let mut ticket = match self.budgets.admit(first.format) {
+            Ok(ticket) => ticket,
+            Err(e) => return all(ImageError::from(e).into()),
+        };
+        ticket.stage().await;
+        let original = match self.original(first, &Origin::Configured).await {
+            Ok(original) => original,
+            Err(e) => return all(e),
+        };
+        let specs: Vec<RenderSpec> = reqs.iter().map(|r| self.spec(r, r.format)).collect();
+        let started = Instant::now();
+        let rendered = self
+            .processor
+            .render_many(ticket, original.clone(), &specs)
+            .await;
+        m::time(m::TIME_PROCESS, started.elapsed());
+        let rendered = match rendered {
+            Ok(rendered) => rendered,
+            Err(e) => {
+                self.originals
+                    .invalidate(&Origin::Configured.originals_key(first))
+                    .await;
+                return all(e.into());
+            }
+        };
+        rendered
+            .into_iter()
+            .map(|r| {
+                let r = r?;
+                if r.bytes.is_empty() {
+                    return Err(Error::Internal("encoder produced no bytes".into()));
+                }
+                m::incr(m::IMAGE_REQUEST);
+                m::incr_with(m::IMAGE_REQUEST, r.format.ext());
+                Ok(Variant::new(
+                    r.bytes,
+                    r.format,
+                    SystemTime::now(),
+                    Tier::Miss,
+                ))
+            })
+            .collect()
     }
 
     /// What a render of `req` as `format` is asked to make.

@@ -168,6 +168,8 @@ async fn warm_fills_the_store_the_server_answers_from_it_and_a_rerun_skips() {
         "{}",
         stdout(&out)
     );
+    // The three versions of each original come from one decode of it.
+    assert!(stdout(&out).contains("; 50 decodes"), "{}", stdout(&out));
     // Id-major order: the three versions of an original share its one download.
     assert_eq!(origin.total(), 50, "one origin request per original");
     let raw = bucket(&weed);
