@@ -279,11 +279,12 @@ impl Budgets {
     }
 
     /// A slot and `bytes` of memory for a background render, now or never: only when no foreground
-    /// render is waiting (queued, fetching or holding its original) and both are free at once. A
-    /// background render therefore never delays a foreground one by more than it takes to notice a
-    /// request arriving while it runs, and under load it does not start at all.
+    /// render is waiting (queued, fetching or holding its original), the memory is free, and a
+    /// slot stays free beside the one taken. A client's render arriving while a background one
+    /// runs therefore always finds a slot: background work never delays it, and under load it
+    /// does not start at all. (With one slot, nothing runs in the background.)
     pub fn try_background(&self, bytes: u64) -> Option<(Slot, Reserved)> {
-        if self.queued() > 0 {
+        if self.queued() > 0 || self.slots.available_permits() < 2 {
             return None;
         }
         let units = u32::try_from(bytes.div_ceil(MEMORY_UNIT)).ok()?;
@@ -458,10 +459,13 @@ mod tests {
         let waiting = b.admit(Format::Jpeg).expect("admitted");
         assert!(b.try_background(1 << 20).is_none());
         drop(waiting);
-        // Every slot busy: none either.
-        let (one, two) = (b.slot().await, b.slot().await);
+        // One of the two slots busy: the other stays free for clients.
+        let one = b.slot().await;
         assert!(b.try_background(1 << 20).is_none());
-        drop((one, two));
+        drop(one);
+        // With a single slot, never.
+        let single = Budgets::new(BudgetConfig::with_concurrency(1));
+        assert!(single.try_background(1 << 20).is_none());
         // More memory than is free: none.
         assert!(b.try_background(2 << 30).is_none());
         assert!(b.try_background(1 << 20).is_some());

@@ -4,9 +4,9 @@
 //! page that asks for the grid thumbnail first then finds the card and the zoom already made.
 //!
 //! The lane never competes with clients: its queue is short ([`LANE_QUEUE`]; a job that does not
-//! fit is dropped), and a job starts only when a render slot and the memory it needs are free and no
-//! foreground render is waiting ([`crate::budget::Budgets::try_background`]); otherwise it is
-//! dropped, not delayed. Its renders are counted as `prerender.*`, never as `image_request`, and
+//! fit is dropped), and a job starts only when the memory it needs is free, no foreground render is
+//! waiting, and a render slot stays free for clients beside the one it takes
+//! ([`crate::budget::Budgets::try_background`]); otherwise it is dropped, not delayed. Its renders are counted as `prerender.*`, never as `image_request`, and
 //! never in the popularity table.
 
 use std::sync::{Arc, Mutex, Weak};

@@ -52,7 +52,7 @@ async fn popular_size_is_rendered_before_it_is_asked_for(server: &Running, origi
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn popular_versions_are_prerendered_after_a_miss() {
     let origin = origin_with_six().await;
-    let server = support::start_with_origin(&origin, &[]).await;
+    let server = support::start_with_origin(&origin, &[("processing_concurrency", "2")]).await;
     popular_size_is_rendered_before_it_is_asked_for(&server, &origin).await;
 
     // The table on the status port.
@@ -100,7 +100,7 @@ fn prerenders_are_counted_apart_from_image_requests() {
 #[ignore = "run in its own process by prerenders_are_counted_apart_from_image_requests"]
 async fn counted_apart_isolated() {
     let origin = origin_with_six().await;
-    let server = support::start_with_origin(&origin, &[]).await;
+    let server = support::start_with_origin(&origin, &[("processing_concurrency", "2")]).await;
     popular_size_is_rendered_before_it_is_asked_for(&server, &origin).await;
     // Six client misses rendered; the background render is not among them.
     assert_eq!(support::counter(&server, "image_request").await, 6.0);
