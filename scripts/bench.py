@@ -71,7 +71,7 @@ def png_chunk(kind, data):
 
 
 def bombs(out_dir):
-    # The same bytes as the unit tests in src/image/vips.rs (png_bomb…, gif_frame_far_outside…).
+    # The same bytes as the unit tests in src/image/render.rs (png_bomb…, gif_frame_far_outside…).
     ihdr = struct.pack(">II", 100_000, 100_000) + bytes([8, 2, 0, 0, 0])
     png = b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr)
     png += png_chunk(b"IDAT", bytes([0x78, 0x9C, 0x63, 0x00, 0x00])) + png_chunk(b"IEND", b"")
@@ -210,6 +210,23 @@ def status(sport, dotted):
     for part in dotted.split("."):
         value = value[part]
     return value
+
+
+def followup(port, sport, count, served):
+    """After W8: for the first COUNT ids, asks the three most popular versions of product/image
+    other than SERVED (from /versions) and reports the share answered from memory."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{sport}/versions", timeout=10) as r:
+        table = json.load(r)["classes"].get("product/image", [])
+    popular = [row["version"] for row in table if row["version"] != served][:3]
+    hits = asked = 0
+    for i in range(1, count + 1):
+        for v in popular:
+            url = f"http://127.0.0.1:{port}/product/image/{i}/{v}"
+            with urllib.request.urlopen(url, timeout=30) as r:
+                asked += 1
+                hits += r.headers.get("X-Cache") == "memory"
+    share = hits / asked if asked else 0.0
+    return f"{hits}/{asked} from memory ({share:.0%}) for {', '.join(popular)} of ids 1-{count}"
 
 
 async def stampede_async(port, path, n):
@@ -523,6 +540,8 @@ def main(argv):
         print(f"{max(proc_hwm(p) for p in [pid] + children(pid)):.1f}")
     elif cmd == "stampede":
         stampede(int(args[0]), int(args[1]), args[2], int(args[3]), int(args[4]))
+    elif cmd == "followup":
+        print(followup(int(args[0]), int(args[1]), int(args[2]), args[3]))
     elif cmd == "status":
         print(status(int(args[0]), args[1]))
     elif cmd == "ratio":

@@ -2,7 +2,7 @@
 # Load benchmark of the release server on loopback (`make bench`). Prints one table.
 #
 # Builds target/release/image-server, generates grainy q90 JPEG originals with the vips CLI (the same
-# recipe as the `photo` fixture in src/image/vips.rs, so these numbers line up with `make bench-micro`
+# recipe as the `photo` fixture in src/image/fixtures.rs, so these numbers line up with `make bench-micro`
 # and docs/performance.md), and runs each workload against a freshly started server (so peak RSS is per
 # workload) whose originals are a temporary directory (`source_store = "file://…"`):
 #
@@ -14,6 +14,10 @@
 #   W5 hits     one ~30 KB variant from the memory cache, 64 connections, next to nginx serving the same
 #               bytes as a static file (sendfile, one worker per core); the two in alternating rounds
 #   W6 stampede 200 simultaneous requests for one cold key: one origin fetch and one render expected
+#   W7 page     a catalogue page: 6 versions of each id at once (w100, w200, w300, x150, 300x400 jpg,
+#               w600 webp), cold; CPU per page against one W1 request; decode passes in the note
+#   W8 prerender single requests for distinct ids (70 % w300, 30 % over 5 other versions), 1 connection,
+#               prerender_popular 0 then 3: foreground p99, and the memory hit ratio of follow-ups
 #   mixed       16 connections of valid cold JPEGs next to 16 connections of decoder bombs (a PNG whose
 #               header claims 100000x100000, a GIF frame at offset 60000,60000)
 #   attack      W1 fit at 8 connections (W1's server flags) for 30 s while scripts/attack.py, on the same
@@ -131,7 +135,7 @@ bin="$root/target/release/image-server"
 inputs="$root/target/bench/inputs"
 mkdir -p "$inputs"
 
-# A grainy photo-like W×H q90 JPEG: the `photo` fixture of src/image/vips.rs in CLI form (x/y ramps,
+# A grainy photo-like W×H q90 JPEG: the `photo` fixture of src/image/fixtures.rs in CLI form (x/y ramps,
 # shared grain sigma 7 seed 7, per-band chroma noise sigma 3 seeds 11–13; 4:4:4 at Q 90, stripped).
 #   photo_jpeg OUT W H
 photo_jpeg() {
@@ -615,7 +619,94 @@ under_attack() {
     stop_server attack
 }
 
+# W7 catalogue page: for each id, the six versions a product page asks for at once, cold (no memory
+# cache; the originals cache on, as in production, so the six share one download). 6 connections:
+# one page at a time, its six requests in flight together. The row's CPU per page is 6 x its CPU per
+# request, to compare with one W1 fit request of this run.
+page_versions=(w100.jpg w200.jpg w300.jpg x150.jpg 300x400.jpg w600.webp)
+page_lua() {
+    local versions="" v
+    for v in "${page_versions[@]}"; do versions+="\"/$v\", "; done
+    cat >"$1" <<EOF
+local versions = { $versions }
+local modulo = $ids
+local counter = 0
+function request()
+  local n = counter
+  counter = counter + 1
+  local id = (math.floor(n / #versions) % modulo) + 1
+  return wrk.format("GET", "/product/image/" .. id .. versions[(n % #versions) + 1])
+end
+EOF
+    done_lua >>"$1"
+}
+w7_page() {
+    local cpu0 cpu1 hwm decodes0 decodes1 lua="$work/page.lua" out="$work/wrk.out"
+    say "W7 catalogue page, 6 versions per id at once"
+    start_server w7 --set memory_cache_mb=0 "${bigqueue[@]}"
+    page_lua "$lua"
+    if [ "$warmup" = 1 ]; then
+        run_wrk 6 "$lua" "$out" "$port" 1
+        wait_idle
+    fi
+    decodes0="$(bench_py status "$sport" processing.decodes)"
+    cpu0="$(bench_py cpu "$server_pid")"
+    run_wrk 6 "$lua" "$out" "$port"
+    cpu1="$(bench_py cpu "$server_pid")"
+    wait_idle
+    decodes1="$(bench_py status "$sport" processing.decodes)"
+    hwm="$(bench_py hwm "$server_pid")"
+    bench_py record name="W7 page (6 versions per id)" conns=6 wrk="$out" hwm_mb="$hwm" \
+        cpu_s="$(awk "BEGIN { print $cpu1 - $cpu0 }")" \
+        note="$((decodes1 - decodes0)) decodes; versions: ${page_versions[*]}$(ids_note "$out")" >>"$results"
+    stop_server w7
+}
+
+# W8 pre-render: single requests for distinct ids, 70 % w300.jpg and 30 % spread over five other
+# versions, one connection (a site below its capacity: the pool has room between requests), with
+# prerender_popular 0 and then 3. After each run, the three most popular versions other than w300
+# are requested for 300 ids of the run: the share answered from memory is what pre-rendering bought.
+w8_lua() {
+    cat >"$1" <<EOF
+local others = { "/w100.jpg", "/w200.jpg", "/x150.jpg", "/300x400.jpg", "/w600.jpg" }
+local modulo = $ids
+local counter = 0
+function request()
+  local n = counter
+  counter = counter + 1
+  local v = "/w300.jpg"
+  if n % 10 >= 7 then v = others[((math.floor(n / 10) * 3 + n % 10 - 7) % 5) + 1] end
+  return wrk.format("GET", "/product/image/" .. ((n % modulo) + 1) .. v)
+end
+EOF
+    done_lua >>"$1"
+}
+w8_prerender() {
+    local n cpu0 cpu1 hwm lua="$work/w8.lua" out="$work/wrk.out" follow
+    for n in 0 3; do
+        say "W8 pre-render, prerender_popular=$n"
+        start_server "w8-$n" --set prerender_popular="$n"
+        w8_lua "$lua"
+        cpu0="$(bench_py cpu "$server_pid")"
+        run_wrk 1 "$lua" "$out" "$port"
+        cpu1="$(bench_py cpu "$server_pid")"
+        wait_idle
+        sleep 1 # background renders still running when the pool looked idle
+        follow="$(bench_py followup "$port" "$sport" 300 w300.jpg)"
+        hwm="$(bench_py hwm "$server_pid")"
+        bench_py record name="W8 pre-render, prerender_popular=$n" conns=1 wrk="$out" hwm_mb="$hwm" \
+            cpu_s="$(awk "BEGIN { print $cpu1 - $cpu0 }")" note="follow-up: $follow" >>"$results"
+        if [ "$n" = 3 ]; then
+            mkdir -p "$root/target/bench"
+            curl -s "http://127.0.0.1:$sport/versions" >"$root/target/bench/versions.json" || true
+        fi
+        stop_server "w8-$n"
+    done
+}
+
 cores="$(nproc)"
+if want "W7 page"; then w7_page; fi
+if want "W8 pre-render"; then w8_prerender; fi
 if want "W5 hit"; then w5_hits; fi
 if want "W6 stampede"; then w6_stampede; fi
 if want "mixed"; then mixed_attack; fi

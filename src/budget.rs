@@ -278,13 +278,19 @@ impl Budgets {
         Slot(self.avif_slots.clone().acquire_owned().await.ok())
     }
 
+    /// Whether a background render could start now (see [`Budgets::try_background`]): checked
+    /// before any work is spent on one.
+    pub fn idle_for_background(&self) -> bool {
+        self.queued() == 0 && self.slots.available_permits() >= 2
+    }
+
     /// A slot and `bytes` of memory for a background render, now or never: only when no foreground
     /// render is waiting (queued, fetching or holding its original), the memory is free, and a
     /// slot stays free beside the one taken. A client's render arriving while a background one
     /// runs therefore always finds a slot: background work never delays it, and under load it
     /// does not start at all. (With one slot, nothing runs in the background.)
     pub fn try_background(&self, bytes: u64) -> Option<(Slot, Reserved)> {
-        if self.queued() > 0 || self.slots.available_permits() < 2 {
+        if !self.idle_for_background() {
             return None;
         }
         let units = u32::try_from(bytes.div_ceil(MEMORY_UNIT)).ok()?;

@@ -378,7 +378,7 @@ impl Processor {
         original: Bytes,
         spec: RenderSpec,
     ) -> Result<Option<Rendered>, ImageError> {
-        if spec.format == Format::Avif {
+        if spec.format == Format::Avif || !self.budgets.idle_for_background() {
             return Ok(None);
         }
         let limits = self.limits;

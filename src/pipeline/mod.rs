@@ -126,6 +126,12 @@ impl Pipeline {
     ) -> Pipeline {
         let budgets = Arc::new(Budgets::new(BudgetConfig::from_config(&config)));
         let rules = config.rules();
+        // Without a cache to keep them in, background renders would be thrown away.
+        let prerender_count = if config.memory_cache_bytes == 0 && remote.is_none() {
+            0
+        } else {
+            PRERENDER_POPULAR
+        };
         let processor = Processor::new(
             budgets.clone(),
             config.decode_limits(),
@@ -157,7 +163,7 @@ impl Pipeline {
                 store_warning: RateLimitedWarning::default(),
                 waiting: Waiting::default(),
                 popularity: Popularity::new(POPULAR_HALFLIFE),
-                prerender_count: PRERENDER_POPULAR,
+                prerender_count,
                 lane: prerender::Lane::default(),
                 rules,
             }),
