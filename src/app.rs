@@ -54,25 +54,24 @@ impl App {
     pub fn new(config: Config) -> Result<App, Error> {
         let config = Arc::new(config);
         let source = Source::from_config(&config)?;
-        let remote = match &config.result_store {
+        let remote = match &config.caching.result_store {
             None => None,
             Some(url) => {
                 let (store, prefix) = crate::source::object_store_from_url(
                     url,
                     &config.s3,
-                    config.store_timeout,
-                    config.connect_timeout,
+                    config.timeouts.store_timeout,
+                    config.timeouts.connect_timeout,
                 )?;
-                // The local filesystem backend refuses object attributes; every other backend keeps them.
-                let attributes = !url.starts_with("file:");
+                let attributes = url.keeps_attributes();
                 Some(RemoteStore::new(
                     store,
                     prefix,
                     attributes,
-                    config.cache_control.clone(),
-                    config.store_timeout,
-                    config.upload_concurrency,
-                    config.upload_backlog,
+                    config.caching.cache_control.clone(),
+                    config.timeouts.store_timeout,
+                    config.caching.upload_concurrency,
+                    config.caching.upload_backlog,
                 ))
             }
         };
@@ -89,10 +88,10 @@ impl App {
     ) -> App {
         let error_cache_control = HeaderValue::from_str(&format!(
             "public, max-age={}",
-            config.not_found_ttl.as_secs()
+            config.caching.not_found_ttl.as_secs()
         ))
         .unwrap_or(HeaderValue::from_static("no-store"));
-        let cache_control = HeaderValue::from_str(&config.cache_control)
+        let cache_control = HeaderValue::from_str(&config.caching.cache_control)
             .unwrap_or(HeaderValue::from_static("public, max-age=31536000"));
         App {
             rules: config.rules(),

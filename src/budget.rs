@@ -51,14 +51,14 @@ impl BudgetConfig {
     /// The sizes a configuration asks for.
     pub fn from_config(c: &Config) -> BudgetConfig {
         BudgetConfig {
-            concurrency: c.processing_concurrency,
-            queue_size: c.queue_size,
-            staged: c.download_concurrency,
-            avif_concurrency: c.avif_concurrency,
-            avif_queue_size: c.avif_queue_size,
-            memory_bytes: c.max_memory_bytes,
-            download_bytes: c.max_inflight_download_bytes,
-            source_bytes: c.max_source_bytes,
+            concurrency: c.capacity.processing_concurrency,
+            queue_size: c.capacity.queue_size,
+            staged: c.capacity.download_concurrency,
+            avif_concurrency: c.capacity.avif_concurrency,
+            avif_queue_size: c.capacity.avif_queue_size,
+            memory_bytes: c.capacity.max_memory_mb.bytes(),
+            download_bytes: c.capacity.max_inflight_download_mb.bytes(),
+            source_bytes: c.limits.max_source_bytes.bytes(),
         }
     }
 

@@ -117,7 +117,20 @@ impl GlobalOpts {
     /// The command-line configuration layer as `(key, value)` pairs, in the order they apply:
     /// `--set` pairs first, then the named flags.
     pub fn overrides(&self) -> Vec<(String, String)> {
-        let mut out = self.set.clone();
+        self.flag_overrides()
+            .into_iter()
+            .map(|(_, key, value)| (key, value))
+            .collect()
+    }
+
+    /// [`GlobalOpts::overrides`] with the flag that set each key (`--set maximum_width`,
+    /// `--server-port`), for messages: `(flag, key, value)`.
+    pub fn flag_overrides(&self) -> Vec<(String, String, String)> {
+        let mut out: Vec<(String, String, String)> = self
+            .set
+            .iter()
+            .map(|(k, v)| (format!("--set {k}"), k.clone(), v.clone()))
+            .collect();
         let named = [
             ("server_port", self.server_port.map(|p| p.to_string())),
             ("status_port", self.status_port.map(|p| p.to_string())),
@@ -127,11 +140,9 @@ impl GlobalOpts {
             ("result_store", self.result_store.clone()),
             ("log_level", self.log_level.clone()),
         ];
-        out.extend(
-            named
-                .into_iter()
-                .filter_map(|(k, v)| v.map(|v| (k.to_owned(), v))),
-        );
+        out.extend(named.into_iter().filter_map(|(k, v)| {
+            v.map(|v| (format!("--{}", k.replace('_', "-")), k.to_owned(), v))
+        }));
         out
     }
 }
@@ -255,6 +266,20 @@ mod tests {
                 ("maximum_width".to_owned(), "1000".to_owned()),
                 ("cache_control".to_owned(), "public, max-age=60".to_owned()),
                 ("server_port".to_owned(), "8080".to_owned()),
+            ]
+        );
+        let flags: Vec<String> = cli
+            .global
+            .flag_overrides()
+            .into_iter()
+            .map(|f| f.0)
+            .collect();
+        assert_eq!(
+            flags,
+            [
+                "--set maximum_width",
+                "--set cache_control",
+                "--server-port"
             ]
         );
     }

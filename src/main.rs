@@ -7,15 +7,15 @@ use std::sync::Arc;
 use clap::Parser;
 use image_server::app::App;
 use image_server::cli::{CheckConfigArgs, Cli, Command};
-use image_server::config::{self, Config};
+use image_server::config::{self, Config, Loaded};
 use image_server::image::vips;
 use image_server::metrics::{self, StatsdTarget};
 use image_server::server;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let config = match config::load(&cli.global) {
-        Ok(c) => c,
+    let loaded = match config::load(&cli.global) {
+        Ok(loaded) => loaded,
         Err(e) => {
             eprintln!("image-server: configuration error: {e}");
             return ExitCode::from(2);
@@ -23,18 +23,26 @@ fn main() -> ExitCode {
     };
     let command = cli.command.unwrap_or(Command::Serve);
     if let Command::CheckConfig(args) = command {
-        return check_config(config, &args);
+        return check_config(loaded, &args);
     }
-    init_tracing(&config);
+    init_tracing(&loaded.config);
+    // Once logging is up: what loading ignored, guessed or derived (seed files, a second file).
+    for warning in &loaded.warnings {
+        tracing::warn!("configuration: {warning}");
+    }
+    for note in &loaded.notes {
+        tracing::info!("configuration: {note}");
+    }
+    let config = loaded.config;
     limit_malloc_arenas();
     // libvips is initialised once, before the runtime starts any thread (libvips' own requirement: `vips_init` is not thread-safe).
-    if let Err(e) = vips::init(config.accept_avif_input) {
+    if let Err(e) = vips::init(config.rendering.accept_avif_input) {
         eprintln!("image-server: libvips failed to start: {e}");
         return ExitCode::from(1);
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
-        .max_blocking_threads(config.processing_concurrency + 64)
+        .max_blocking_threads(config.capacity.processing_concurrency + 64)
         .build()
     {
         Ok(r) => r,
@@ -61,12 +69,20 @@ fn main() -> ExitCode {
 
 /// `check-config`: what start-up builds (source, result store, `?source=` guard), built and dropped
 /// without binding a port or starting libvips; the connection budget checked against the open-files
-/// limit; `--print` adds the settings in force.
-fn check_config(config: Config, args: &CheckConfigArgs) -> ExitCode {
+/// limit; what loading ignored or derived, on stderr; `--print` adds every key's value in force and
+/// where it came from.
+fn check_config(loaded: Loaded, args: &CheckConfigArgs) -> ExitCode {
+    for warning in &loaded.warnings {
+        eprintln!("image-server: warning: {warning}");
+    }
+    for note in &loaded.notes {
+        eprintln!("image-server: note: {note}");
+    }
+    let config = loaded.config.clone();
     if let (_, Some(warning)) = server::fit_connections(&config) {
         println!("warning: {warning}");
     }
-    let settings = args.print.then(|| config.describe());
+    let settings = args.print.then(|| loaded.settings_json());
     // The result store starts its writers on a runtime, as at start-up.
     let built = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -80,10 +96,7 @@ fn check_config(config: Config, args: &CheckConfigArgs) -> ExitCode {
         return ExitCode::from(2);
     }
     if let Some(settings) = settings {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&settings).unwrap_or_default()
-        );
+        println!("{settings}");
     }
     println!("configuration OK");
     ExitCode::SUCCESS
@@ -91,7 +104,7 @@ fn check_config(config: Config, args: &CheckConfigArgs) -> ExitCode {
 
 fn init_tracing(config: &Config) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&config.log_level));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&config.logging.log_level));
     // Colour codes only on a terminal: log files and collectors get plain `key=value` lines.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
     tracing_subscriber::fmt()
@@ -102,19 +115,22 @@ fn init_tracing(config: &Config) {
 }
 
 async fn serve(mut config: Config) -> anyhow::Result<ExitCode> {
-    metrics::install(config.statsd_host.as_ref().map(|host| StatsdTarget {
+    metrics::install(config.statsd.statsd_host.as_ref().map(|host| StatsdTarget {
         host: host.clone(),
-        port: config.statsd_port,
-        prefix: config.statsd_prefix.clone(),
+        port: config.statsd.statsd_port,
+        prefix: config.statsd.statsd_prefix.clone(),
     }));
     let (max_connections, warning) = server::fit_connections(&config);
     if let Some(warning) = warning {
         tracing::warn!("{warning}");
     }
-    config.max_connections = max_connections;
+    config.listen.max_connections = max_connections;
     let listener =
-        tokio::net::TcpListener::bind((config.listen_address, config.server_port)).await?;
-    let status = tokio::net::TcpListener::bind((config.status_address, config.status_port)).await?;
+        tokio::net::TcpListener::bind((config.listen.listen_address, config.listen.server_port))
+            .await?;
+    let status =
+        tokio::net::TcpListener::bind((config.listen.status_ip(), config.listen.status_port))
+            .await?;
     tracing::info!(
         image = %listener.local_addr()?,
         status = %status.local_addr()?,

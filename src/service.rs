@@ -120,8 +120,8 @@ impl App {
         }
         let parsed = ImageRequest::parse(req.uri().path(), &self.rules)?;
         *negotiable = self.negotiable(&parsed);
-        if let Some(key) = &self.config.url_signing_key {
-            crate::signature::verify(key, req.uri().path(), req.uri().query())?;
+        if let Some(key) = &self.config.security.url_signing_key {
+            crate::signature::verify(key.expose(), req.uri().path(), req.uri().query())?;
         }
         let source = self.source_override(req.uri().query())?;
         let (format, negotiated) = self.pick_format(&parsed, req.headers());
@@ -130,7 +130,7 @@ impl App {
             None => Origin::Configured,
         };
         let serve = self.pipeline.serve_from(&parsed, format, &origin);
-        let served = tokio::time::timeout(self.config.request_timeout, serve)
+        let served = tokio::time::timeout(self.config.timeouts.request_timeout, serve)
             .await
             .map_err(|_| Error::Timeout)??;
         if origin == Origin::Configured {
@@ -154,7 +154,7 @@ impl App {
                 Err(Refusal::Malformed.into())
             };
         };
-        if !self.config.allow_source_override {
+        if !self.config.security.allow_source_override {
             return Err(Error::SourceRefused);
         }
         let guard = self.pipeline.source_guard().ok_or(Error::SourceRefused)?;
@@ -163,7 +163,7 @@ impl App {
 
     /// Whether `auto_format` applies to this request, so its answer depends on `Accept`.
     fn negotiable(&self, req: &ImageRequest) -> bool {
-        self.config.auto_format && matches!(req.format, Format::Jpeg | Format::Png)
+        self.config.rendering.auto_format && matches!(req.format, Format::Jpeg | Format::Png)
     }
 
     /// `auto_format`: a `jpg`/`png` request whose `Accept` lists AVIF or WebP (q > 0) gets the best of

@@ -93,7 +93,7 @@ impl App {
     }
 
     fn purge<B>(&self, req: &Request<B>, path: &str) -> (StatusCode, &'static str, String) {
-        let Some(token) = &self.config.admin_token else {
+        let Some(token) = &self.config.security.admin_token else {
             m::incr_with(m::PURGE, "disabled");
             return (
                 StatusCode::NOT_FOUND,
@@ -106,7 +106,7 @@ impl App {
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "));
-        if !given.is_some_and(|g| constant_time_eq(g.as_bytes(), token.as_bytes())) {
+        if !given.is_some_and(|g| constant_time_eq(g.as_bytes(), token.expose().as_bytes())) {
             m::incr_with(m::PURGE, "unauthorized");
             return (
                 StatusCode::UNAUTHORIZED,

@@ -29,14 +29,14 @@ pub async fn purge(config: Config, args: PurgeArgs) -> anyhow::Result<ExitCode> 
             return Ok(ExitCode::from(EXIT_USAGE));
         }
     };
-    if config.result_store.is_none() && args.status_urls.is_empty() {
+    if config.caching.result_store.is_none() && args.status_urls.is_empty() {
         eprintln!(
             "image-server purge: nothing to purge from: no result_store configured and no --status-url given"
         );
         return Ok(ExitCode::from(EXIT_USAGE));
     }
-    let token = match (&config.admin_token, args.status_urls.is_empty()) {
-        (Some(t), _) => Some(t.clone()),
+    let token = match (&config.security.admin_token, args.status_urls.is_empty()) {
+        (Some(t), _) => Some(t.expose().to_owned()),
         (None, true) => None,
         (None, false) => {
             eprintln!(
@@ -58,8 +58,8 @@ pub async fn purge(config: Config, args: PurgeArgs) -> anyhow::Result<ExitCode> 
     }
     let mut seen = HashSet::new();
     ids.retain(|id| seen.insert(id.clone()));
-    let timeout = config.request_timeout;
-    let connect_timeout = config.connect_timeout;
+    let timeout = config.timeouts.request_timeout;
+    let connect_timeout = config.timeouts.connect_timeout;
     let app = App::new(config)?;
 
     let mut deleted = 0usize;

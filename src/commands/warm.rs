@@ -29,7 +29,7 @@ const LOG_TICK: Duration = Duration::from_secs(2);
 /// Skips variants already stored (unless `--force`), so an interrupted run, re-run, continues where it
 /// stopped. Invalid ids and versions are reported as failures with the parser's reason.
 pub async fn warm(config: Config, args: WarmArgs) -> anyhow::Result<ExitCode> {
-    if config.result_store.is_none() {
+    if config.caching.result_store.is_none() {
         eprintln!(
             "image-server warm: no result_store configured: nothing to warm into \
              (set result_store, or pass --result-store URL)"
@@ -60,13 +60,13 @@ pub async fn warm(config: Config, args: WarmArgs) -> anyhow::Result<ExitCode> {
     let plan = Plan::new(&ids, &versions, &config.rules());
     // The pool admits `processing_concurrency + queue_size` renders and refuses the rest as
     // overloaded; more jobs than that would turn into failures, not speed.
-    let capacity = (config.processing_concurrency + config.queue_size).max(1);
+    let capacity = (config.capacity.processing_concurrency + config.capacity.queue_size).max(1);
     let jobs = match args.jobs {
-        0 => config.processing_concurrency,
+        0 => config.capacity.processing_concurrency,
         n => n,
     }
     .clamp(1, capacity);
-    let deadline = config.request_timeout;
+    let deadline = config.timeouts.request_timeout;
 
     let app = App::new(config)?;
     let pipeline = app.pipeline.clone();

@@ -1,17 +1,21 @@
-//! Reading the layers of the configuration: the embedded defaults, a file (`config/{env}.toml`,
-//! the seed's `.json`, or `--config FILE`), `IMAGE_SERVER_*` variables and command-line flags, each
-//! turned into `(key, value, origin)` triples and merged in that order, the seed's aliases resolved.
+//! The layers of the configuration and their merge through figment: the embedded defaults
+//! (`config/default.toml`) < one file (`config/{env}.toml`, the seed's `.json`, or `--config FILE`)
+//! < `IMAGE_SERVER_*` variables < command-line flags. Each layer is a figment provider that knows
+//! where each of its keys came from, so figment's errors and [`super::Loaded::origins`] can name the
+//! file, variable or flag. Here too: unknown keys (refused, with a suggestion), the typing of
+//! environment and flag text, and the rule that `source_domain` and `source_store` exclude each other.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
-use toml::Value;
+use figment::providers::{Format, Json, Toml};
+use figment::value::{Dict, Map, Value};
+use figment::{Figment, Metadata, Profile, Provider};
 
-use super::*;
-
-// ---------------------------------------------------------------------------------------------------
-// Layers: defaults < file < environment < flags
-// ---------------------------------------------------------------------------------------------------
+use super::seed::{self, Report};
+use super::{check, keys, ConfigError, Loaded};
+use crate::cli::GlobalOpts;
 
 /// The built-in defaults: `config/default.toml`, which documents every key.
 pub const DEFAULT_TOML: &str = include_str!("../../config/default.toml");
@@ -22,21 +26,13 @@ pub const ENV_PREFIX: &str = "IMAGE_SERVER_";
 /// Names under [`ENV_PREFIX`] that are not keys: the CLI's own variables (see [`crate::cli`]).
 pub(super) const ENV_RESERVED: [&str; 3] = ["ENVIRONMENT", "CONFIG", "CONFIG_DIR"];
 
-/// Seed (wanelo/image-server) key → our key. Resolved before layers merge, so a seed file and
-/// an `IMAGE_SERVER_UPLOAD_CONCURRENCY` variable override each other as one key.
-pub(super) const ALIASES: [(&str, &str); 4] = [
-    ("manta_concurrency", "upload_concurrency"),
-    ("graphite_host", "statsd_host"),
-    ("graphite_port", "statsd_port"),
-    ("default_compression", "default_quality"),
-];
+/// The defaults layer's name; a value from it has no origin worth a "(set in …)".
+const DEFAULTS: &str = "built-in defaults";
 
-/// Seed-only file keys with no meaning here (Manta paths, the local disk cache): skipped, so a
-/// seed config file loads unchanged. Only files get this leniency.
-pub(super) const SEED_IGNORED: [&str; 2] = ["manta_base_path", "local_base_path"];
-
-/// Seed file key: `false` turns statsd off (as an empty `statsd_host` in the same file).
-pub(super) const SEED_GRAPHITE_ENABLED: &str = "graphite_enabled";
+/// The environment variable that sets `key`.
+pub fn env_var(key: &str) -> String {
+    format!("{ENV_PREFIX}{}", key.to_ascii_uppercase())
+}
 
 /// Where the file layer comes from.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -65,7 +61,7 @@ pub enum FileSource {
 /// Loads the configuration the command line asks for, reading the process environment.
 ///
 /// See [`load_layers`] for the layers; this only gathers them from `opts` and `std::env`.
-pub fn load(opts: &GlobalOpts) -> Result<Config, ConfigError> {
+pub fn load(opts: &GlobalOpts) -> Result<Loaded, ConfigError> {
     let file = match &opts.config {
         Some(path) => FileSource::File(path.clone()),
         None => FileSource::Environment {
@@ -86,7 +82,7 @@ pub fn load(opts: &GlobalOpts) -> Result<Config, ConfigError> {
         })?;
         vars.push((name.to_owned(), value));
     }
-    load_layers(&file, vars, &opts.overrides())
+    load_with(&file, vars, opts.flag_overrides())
 }
 
 /// Loads and validates a configuration the way the command line does, with the environment
@@ -100,7 +96,7 @@ pub fn load_from(
     config_file: Option<&Path>,
     env_vars: impl IntoIterator<Item = (String, String)>,
     overrides: Vec<(String, String)>,
-) -> Result<Config, ConfigError> {
+) -> Result<Loaded, ConfigError> {
     let file = match config_file {
         Some(path) => FileSource::File(path.to_owned()),
         None => FileSource::Environment {
@@ -115,10 +111,11 @@ pub fn load_from(
 /// environment (tests call this directly).
 ///
 /// - `file`: the file layer over the built-in defaults.
-/// - `env_vars`: `(name, value)` pairs; only `IMAGE_SERVER_*` names are read, values are TOML
-///   when they parse and text otherwise (text keys take them verbatim unless they are a quoted
-///   TOML string; list keys also take `a,b,c`).
-/// - `overrides`: command-line `(key, value)` pairs, read like environment values; later pairs win.
+/// - `env_vars`: `(name, value)` pairs; only `IMAGE_SERVER_*` names are read. A key whose default
+///   is text takes the value verbatim (unless it is one quoted string, `"2s"` or `'2s'`); a list
+///   key takes `[…]` or `a,b,c`; any other key reads it as figment reads an environment value
+///   (`3000`, `true`, `1.5`), falling back to text.
+/// - `overrides`: `--set` `(key, value)` pairs, read like environment values; later pairs win.
 ///
 /// Setting `source_domain` in a layer clears a `source_store` from lower layers and vice versa,
 /// so `--source-domain` works over a file that names a store; one layer setting both is an error.
@@ -126,150 +123,276 @@ pub fn load_layers(
     file: &FileSource,
     env_vars: impl IntoIterator<Item = (String, String)>,
     overrides: &[(String, String)],
-) -> Result<Config, ConfigError> {
-    let defaults = parse_toml("built-in defaults", DEFAULT_TOML)?;
-    let mut merged = Merged {
-        values: defaults.clone(),
-        origins: BTreeMap::new(),
-    };
-
-    if let Some((origin, table)) = read_file(file)? {
-        merged.apply(file_layer(&origin, table, &defaults)?);
-    }
-    merged.apply(env_layer(env_vars, &defaults)?);
-    merged.apply(flag_layer(overrides, &defaults)?);
-
-    let raw: RawConfig = Value::Table(merged.values)
-        .try_into()
-        .map_err(|e: toml::de::Error| ConfigError::Malformed {
-            origin: "built-in defaults".to_owned(),
-            message: e.to_string(),
-        })?;
-    validate(
-        &raw,
-        &Check {
-            origins: &merged.origins,
-        },
-    )
+) -> Result<Loaded, ConfigError> {
+    let flags = overrides
+        .iter()
+        .map(|(k, v)| {
+            let key = k.trim().to_ascii_lowercase();
+            (format!("--set {key}"), key, v.clone())
+        })
+        .collect();
+    load_with(file, env_vars, flags)
 }
 
-/// One layer: `(key, value, origin)` with keys canonical (aliases resolved) and known.
-pub(super) type Layer = Vec<(String, Value, String)>;
+/// The loader itself; `flags` are `(flag as written, key, value)`, in command-line order.
+fn load_with(
+    file: &FileSource,
+    env_vars: impl IntoIterator<Item = (String, String)>,
+    flags: Vec<(String, String, String)>,
+) -> Result<Loaded, ConfigError> {
+    let mut report = Report::default();
+    let defaults = Layer::parsed(DEFAULTS, None, DEFAULT_TOML, false, &mut report)?;
+    let mut file = read_file(file, &mut report)?;
+    let env = env_layer(env_vars, &defaults.values)?;
+    let flags = flag_layer(flags, &defaults.values)?;
 
-/// The merged key → value map, and which layer set each key (for messages).
-pub(super) struct Merged {
-    values: toml::Table,
+    if let Some((layer, Some(path))) = &mut file {
+        let set_by = [&*layer, &env, &flags]
+            .into_iter()
+            .rev()
+            .find(|l| l.values.contains_key("result_store"))
+            .map(|l| l.origin("result_store"));
+        if let Some(url) = seed::local_base_path(&layer.name, path, set_by.as_deref(), &mut report)?
+        {
+            let origin = format!("{} as local_base_path", layer.name);
+            layer.set("result_store", Value::from(url), origin);
+        }
+    }
+
+    let mut layers = vec![defaults];
+    layers.extend(file.map(|(layer, _)| layer));
+    layers.extend([env, flags]);
+    let mut below = Layer::new("below");
+    let mut figment = Figment::new();
+    for mut layer in layers {
+        layer.exclude_sources(&below);
+        for key in ["source_domain", "source_store"] {
+            if let Some(value) = layer.values.get(key) {
+                below.values.insert(key.to_owned(), value.clone());
+            }
+        }
+        figment = figment.merge(layer);
+    }
+
+    let config = check::build(&figment)?;
+    let origins = keys()
+        .into_iter()
+        .map(|k| {
+            let origin = origin_of(&figment, k).unwrap_or_else(|| "default".to_owned());
+            (k, origin)
+        })
+        .collect();
+    Ok(Loaded {
+        config,
+        warnings: report.warnings,
+        notes: report.notes,
+        origins,
+    })
+}
+
+/// Where the value of `key` came from, or `None` for the built-in default.
+pub(super) fn origin_of(figment: &Figment, key: &str) -> Option<String> {
+    figment
+        .find_metadata(key)
+        .and_then(|m| origin_in(m, &[key]))
+}
+
+/// The origin a layer's metadata gives `path`, or `None` for the built-in defaults.
+pub(super) fn origin_in<K: AsRef<str>>(metadata: &Metadata, path: &[K]) -> Option<String> {
+    (metadata.name != DEFAULTS).then(|| metadata.interpolate(&Profile::Default, path))
+}
+
+// ---------------------------------------------------------------------------------------------------
+// A layer
+// ---------------------------------------------------------------------------------------------------
+
+/// One layer: its values, and where each came from (a file, a variable, a flag); a figment
+/// provider whose metadata names that origin for each key.
+#[derive(Debug)]
+struct Layer {
+    /// The layer's name: `built-in defaults`, a file path, `environment`, `command line`.
+    name: String,
+    values: Dict,
+    /// Key → origin, where it is not `name` (a variable, a flag, an old key name).
     origins: BTreeMap<String, String>,
 }
 
-impl Merged {
-    pub(super) fn apply(&mut self, layer: Layer) {
-        let sets = |key: &str| {
-            layer
-                .iter()
-                .any(|(k, v, _)| k == key && v.as_str().is_none_or(|s| !s.trim().is_empty()))
+impl Layer {
+    fn new(name: &str) -> Layer {
+        Layer {
+            name: name.to_owned(),
+            values: Dict::new(),
+            origins: BTreeMap::new(),
+        }
+    }
+
+    /// A file's text, TOML or JSON, read through figment's providers.
+    fn parsed(
+        name: &str,
+        path: Option<&Path>,
+        text: &str,
+        json: bool,
+        report: &mut Report,
+    ) -> Result<Layer, ConfigError> {
+        let data = if json {
+            Json::string(&seed::relax_json(name, text, report)).data()
+        } else {
+            Toml::string(text).data()
         };
-        // The two source keys exclude each other: a layer naming one replaces the other below it.
-        let clear = match (sets("source_domain"), sets("source_store")) {
-            (true, false) => Some("source_store"),
-            (false, true) => Some("source_domain"),
+        let mut data = data.map_err(|e| ConfigError::Malformed {
+            origin: path.map_or(name.to_owned(), |p| p.display().to_string()),
+            message: message_of(&e).trim_end().to_owned(),
+        })?;
+        Ok(Layer {
+            values: data.remove(&Profile::Default).unwrap_or_default(),
+            ..Layer::new(name)
+        })
+    }
+
+    /// Where this layer's `key` came from.
+    fn origin(&self, key: &str) -> String {
+        self.origins.get(key).unwrap_or(&self.name).clone()
+    }
+
+    fn set(&mut self, key: &str, value: Value, origin: String) {
+        self.values.insert(key.to_owned(), value);
+        self.origins.insert(key.to_owned(), origin);
+    }
+
+    /// Whether this layer sets `key` to something (not empty text).
+    fn sets(&self, key: &str) -> bool {
+        self.values
+            .get(key)
+            .is_some_and(|v| v.as_str().is_none_or(|s| !s.trim().is_empty()))
+    }
+
+    /// The two source keys exclude each other: a layer naming one (not empty) clears the other
+    /// when the layers `below` it (merged) set it. A layer naming both is left as it is, for the
+    /// check to refuse.
+    fn exclude_sources(&mut self, below: &Layer) {
+        let (domain, store) = ("source_domain", "source_store");
+        let clear = match (self.sets(domain), self.sets(store)) {
+            (true, false) => Some((store, domain)),
+            (false, true) => Some((domain, store)),
             _ => None,
         };
-        if let Some(key) = clear {
-            self.values
-                .insert(key.to_owned(), Value::String(String::new()));
-            self.origins.remove(key);
+        if let Some((cleared, by)) = clear.filter(|(cleared, _)| below.sets(cleared)) {
+            let origin = format!("cleared by {}", self.origin(by));
+            self.set(cleared, Value::from(String::new()), origin);
         }
-        for (key, value, origin) in layer {
-            self.values.insert(key.clone(), value);
-            self.origins.insert(key, origin);
+    }
+
+    /// Refuses a key no layer may set.
+    fn check_known(&self) -> Result<(), ConfigError> {
+        let known = keys();
+        match self.values.keys().find(|k| !known.contains(&k.as_str())) {
+            Some(key) => Err(unknown(key, self.origin(key))),
+            None => Ok(()),
         }
     }
 }
 
-pub(super) fn parse_toml(origin: &str, text: &str) -> Result<toml::Table, ConfigError> {
-    toml::from_str(text).map_err(|e: toml::de::Error| ConfigError::Malformed {
-        origin: origin.to_owned(),
-        message: e.to_string().trim_end().to_owned(),
-    })
-}
+impl Provider for Layer {
+    fn metadata(&self) -> Metadata {
+        let name = self.name.clone();
+        let origins = Arc::new(self.origins.clone());
+        Metadata::named(self.name.clone()).interpolater(move |_: &Profile, path: &[&str]| {
+            let key = path.join(".");
+            origins.get(&key).unwrap_or(&name).clone()
+        })
+    }
 
-pub(super) fn parse_json(origin: &str, text: &str) -> Result<toml::Table, ConfigError> {
-    let malformed = |message: String| ConfigError::Malformed {
-        origin: origin.to_owned(),
-        message,
-    };
-    let value: serde_json::Value =
-        serde_json::from_str(text).map_err(|e| malformed(e.to_string()))?;
-    match json_to_toml(value) {
-        Some(Value::Table(t)) => Ok(t),
-        _ => Err(malformed("expected a JSON object of keys".to_owned())),
+    fn data(&self) -> figment::Result<Map<Profile, Dict>> {
+        Ok(Profile::Default.collect(self.values.clone()))
     }
 }
 
-/// JSON → TOML values; `null` means "not set" and disappears.
-pub(super) fn json_to_toml(value: serde_json::Value) -> Option<Value> {
-    use serde_json::Value as J;
-    Some(match value {
-        J::Null => return None,
-        J::Bool(b) => Value::Boolean(b),
-        J::Number(n) => match n.as_i64() {
-            Some(i) => Value::Integer(i),
-            None => Value::Float(n.as_f64()?),
-        },
-        J::String(s) => Value::String(s),
-        J::Array(items) => Value::Array(items.into_iter().filter_map(json_to_toml).collect()),
-        J::Object(map) => Value::Table(
-            map.into_iter()
-                .filter_map(|(k, v)| json_to_toml(v).map(|v| (k, v)))
-                .collect(),
-        ),
-    })
+/// figment's message, without its own "for key … in …" decoration.
+pub(super) fn message_of(e: &figment::Error) -> String {
+    match &e.kind {
+        figment::error::Kind::Message(m) => m.clone(),
+        other => other.to_string(),
+    }
 }
 
-pub(super) fn is_json(name: &str) -> bool {
+/// An unknown key, with the known key it was probably meant to be when one is close: Jaro-Winkler
+/// similarity of at least 0.8 catches transpositions and dropped underscores (`maximum_widht`,
+/// `serverport`) without proposing unrelated keys for short words (`nope`).
+fn unknown(key: &str, origin: String) -> ConfigError {
+    let candidates = keys()
+        .into_iter()
+        .chain(seed::ALIASES.iter().map(|(alias, _)| *alias));
+    let suggestion = candidates
+        .map(|k| (strsim::jaro_winkler(key, k), k))
+        .filter(|(score, _)| *score >= 0.8)
+        .max_by(|a, b| a.0.total_cmp(&b.0))
+        .map(|(_, k)| k.to_owned());
+    ConfigError::UnknownKey {
+        key: key.to_owned(),
+        origin,
+        suggestion,
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// The file
+// ---------------------------------------------------------------------------------------------------
+
+fn is_json(name: &str) -> bool {
     Path::new(name)
         .extension()
         .is_some_and(|e| e.eq_ignore_ascii_case("json"))
 }
 
-pub(super) fn read_path(path: &Path) -> Result<(String, toml::Table), ConfigError> {
-    let origin = path.display().to_string();
+/// A file's layer after the seed pass, and its `local_base_path` if it names one.
+type FileLayer = (Layer, Option<String>);
+
+fn file_layer(
+    name: &str,
+    path: Option<&Path>,
+    text: &str,
+    report: &mut Report,
+) -> Result<FileLayer, ConfigError> {
+    let parsed = Layer::parsed(name, path, text, is_json(name), report)?;
+    let seed::FileKeys {
+        values,
+        origins,
+        local_base_path,
+    } = seed::read_keys(name, parsed.values, report)?;
+    let layer = Layer {
+        values,
+        origins,
+        ..Layer::new(name)
+    };
+    layer.check_known()?;
+    Ok((layer, local_base_path))
+}
+
+fn read_path(path: &Path, report: &mut Report) -> Result<FileLayer, ConfigError> {
+    let name = path.display().to_string();
     let ext = path
         .extension()
         .and_then(|e| e.to_str())
         .map(str::to_ascii_lowercase);
     if !matches!(ext.as_deref(), Some("toml" | "json")) {
         return Err(ConfigError::Malformed {
-            origin,
+            origin: name,
             message: "a config file must end in .toml or .json".to_owned(),
         });
     }
     let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-        path: origin.clone(),
+        path: name.clone(),
         source,
     })?;
-    let table = if is_json(&origin) {
-        parse_json(&origin, &text)?
-    } else {
-        parse_toml(&origin, &text)?
-    };
-    Ok((origin, table))
+    file_layer(&name, Some(path), &text, report)
 }
 
 /// Reads the file layer, if there is one.
-pub(super) fn read_file(file: &FileSource) -> Result<Option<(String, toml::Table)>, ConfigError> {
+fn read_file(file: &FileSource, report: &mut Report) -> Result<Option<FileLayer>, ConfigError> {
     match file {
         FileSource::None => Ok(None),
-        FileSource::File(path) => read_path(path).map(Some),
-        FileSource::Inline { name, text } => {
-            let table = if is_json(name) {
-                parse_json(name, text)?
-            } else {
-                parse_toml(name, text)?
-            };
-            Ok(Some((name.clone(), table)))
-        }
+        FileSource::File(path) => read_path(path, report).map(Some),
+        FileSource::Inline { name, text } => file_layer(name, None, text, report).map(Some),
         FileSource::Environment { dir, name } => {
             // The name becomes a file name: keep it to one plain path component.
             if name.is_empty()
@@ -286,15 +409,18 @@ pub(super) fn read_file(file: &FileSource) -> Result<Option<(String, toml::Table
             let toml_path = dir.join(format!("{name}.toml"));
             let json_path = dir.join(format!("{name}.json"));
             match (toml_path.is_file(), json_path.is_file()) {
-                (true, true) => Err(ConfigError::Malformed {
-                    origin: toml_path.display().to_string(),
-                    message: format!(
-                        "{} also exists; keep one file per environment",
-                        json_path.display()
-                    ),
-                }),
-                (true, false) => read_path(&toml_path).map(Some),
-                (false, true) => read_path(&json_path).map(Some),
+                (true, json) => {
+                    if json {
+                        // A seed file left beside its replacement: the TOML is the newer intent.
+                        report.warnings.push(format!(
+                            "{} is ignored: {} is read instead (keep one file per environment)",
+                            json_path.display(),
+                            toml_path.display()
+                        ));
+                    }
+                    read_path(&toml_path, report).map(Some)
+                }
+                (false, true) => read_path(&json_path, report).map(Some),
                 // Development runs on the defaults; any other environment was named on purpose.
                 (false, false) if name == "development" => Ok(None),
                 (false, false) => Err(ConfigError::Malformed {
@@ -309,85 +435,20 @@ pub(super) fn read_file(file: &FileSource) -> Result<Option<(String, toml::Table
     }
 }
 
-/// The canonical key for `key` (aliases resolved), or `None` when no layer may set it.
-pub(super) fn canonical_key<'a>(key: &'a str, defaults: &toml::Table) -> Option<&'a str> {
-    let key = ALIASES
-        .iter()
-        .find(|(alias, _)| *alias == key)
-        .map_or(key, |(_, canonical)| *canonical);
-    defaults.contains_key(key).then_some(key)
-}
+// ---------------------------------------------------------------------------------------------------
+// Environment variables and flags
+// ---------------------------------------------------------------------------------------------------
 
-/// Adds `(key, value)` to a layer that must not set one key twice (a file, the environment).
-pub(super) fn push_once(
-    layer: &mut Layer,
-    key: &str,
-    value: Value,
-    origin: String,
-) -> Result<(), ConfigError> {
-    if let Some((_, _, first)) = layer.iter().find(|(k, _, _)| k == key) {
-        return Err(ConfigError::Invalid {
-            key: key.to_owned(),
-            message: format!("set twice, by {first} and by {origin}"),
-            origin: None,
-        });
-    }
-    layer.push((key.to_owned(), value, origin));
-    Ok(())
-}
-
-pub(super) fn file_layer(
-    origin: &str,
-    table: toml::Table,
-    defaults: &toml::Table,
-) -> Result<Layer, ConfigError> {
-    let mut layer = Layer::new();
-    let mut statsd_off = false;
-    for (key, value) in table {
-        if SEED_IGNORED.contains(&key.as_str()) {
-            continue;
-        }
-        if key == SEED_GRAPHITE_ENABLED {
-            statsd_off = !Check::bool_of(&value).ok_or_else(|| ConfigError::Invalid {
-                key: key.clone(),
-                message: format!("expected true or false, got {}", show(&value)),
-                origin: Some(origin.to_owned()),
-            })?;
-            continue;
-        }
-        let canonical = canonical_key(&key, defaults).ok_or_else(|| ConfigError::UnknownKey {
-            key: key.clone(),
-            origin: origin.to_owned(),
-        })?;
-        let key_origin = if canonical == key {
-            origin.to_owned()
-        } else {
-            format!("{origin} as {key}")
-        };
-        push_once(&mut layer, canonical, value, key_origin)?;
-    }
-    if statsd_off {
-        // The seed's switch beats a host named in the same file; a later layer may still set one.
-        layer.retain(|(k, _, _)| k != "statsd_host");
-        layer.push((
-            "statsd_host".to_owned(),
-            Value::String(String::new()),
-            format!("{origin} by graphite_enabled = false"),
-        ));
-    }
-    Ok(layer)
-}
-
-pub(super) fn env_layer(
+fn env_layer(
     vars: impl IntoIterator<Item = (String, String)>,
-    defaults: &toml::Table,
+    defaults: &Dict,
 ) -> Result<Layer, ConfigError> {
-    // Sorted, so a clash between an alias and its key is reported the same way every time.
+    // Sorted, so a clash between an old name and its key is reported the same way every time.
     let vars: BTreeMap<String, String> = vars
         .into_iter()
         .filter(|(name, _)| name.starts_with(ENV_PREFIX))
         .collect();
-    let mut layer = Layer::new();
+    let mut layer = Layer::new("environment");
     for (name, text) in vars {
         let rest = &name[ENV_PREFIX.len()..];
         // Kubernetes injects IMAGE_SERVER_SERVICE_HOST, IMAGE_SERVER_PORT_7000_TCP, … for a
@@ -400,83 +461,78 @@ pub(super) fn env_layer(
             continue;
         }
         let key = rest.to_ascii_lowercase();
-        let canonical = canonical_key(&key, defaults).ok_or_else(|| ConfigError::UnknownKey {
-            key: key.clone(),
-            origin: format!("environment variable {name}"),
-        })?;
+        let canonical = seed::canonical(&key);
+        if !keys().contains(&canonical) {
+            return Err(unknown(&key, format!("environment variable {name}")));
+        }
+        if layer.values.contains_key(canonical) {
+            return Err(ConfigError::Invalid {
+                key: canonical.to_owned(),
+                message: format!("set twice, by {} and by {name}", layer.origin(canonical)),
+                origin: None,
+            });
+        }
         let value = text_value(canonical, &text, defaults, &name)?;
-        push_once(&mut layer, canonical, value, name.clone())?;
+        layer.set(canonical, value, name.clone());
     }
     Ok(layer)
 }
 
-pub(super) fn flag_layer(
-    overrides: &[(String, String)],
-    defaults: &toml::Table,
-) -> Result<Layer, ConfigError> {
-    let mut layer = Layer::new();
-    for (key, text) in overrides {
-        let key = key.trim().to_ascii_lowercase();
-        let origin = format!("--set {key}");
-        let canonical = canonical_key(&key, defaults).ok_or_else(|| ConfigError::UnknownKey {
-            key: key.clone(),
-            origin: "the command line".to_owned(),
-        })?;
-        let value = text_value(canonical, text, defaults, &origin)?;
+fn flag_layer(flags: Vec<(String, String, String)>, defaults: &Dict) -> Result<Layer, ConfigError> {
+    let mut layer = Layer::new("command line");
+    for (flag, key, text) in flags {
+        let canonical = seed::canonical(&key);
+        if !keys().contains(&canonical) {
+            return Err(unknown(&key, flag));
+        }
         // Later flags win, as on any command line.
-        layer.retain(|(k, _, _)| k != canonical);
-        layer.push((canonical.to_owned(), value, "the command line".to_owned()));
+        let value = text_value(canonical, &text, defaults, &flag)?;
+        layer.set(canonical, value, flag);
     }
     Ok(layer)
-}
-
-/// A TOML value from a one-line text, if it is one (`3000`, `true`, `["a","b"]`, `"x"`).
-pub(super) fn toml_value(text: &str) -> Option<Value> {
-    let mut table: toml::Table = toml::from_str(&format!("v = {text}")).ok()?;
-    if table.len() != 1 {
-        return None;
-    }
-    table.remove("v")
 }
 
 /// Reads an environment or flag value, guided by the type of the key's default: text keys take
-/// it verbatim (a secret `0123` or `1e5` must not become a number) unless it is a quoted TOML
-/// string, list keys take TOML or `a,b,c`, other keys take TOML and fall back to text.
-pub(super) fn text_value(
-    key: &str,
-    text: &str,
-    defaults: &toml::Table,
-    origin: &str,
-) -> Result<Value, ConfigError> {
+/// it verbatim (a secret `0123` or `1e5` must not become a number) unless it is one quoted string,
+/// list keys take `[…]` or `a,b,c`, other keys are read as figment reads environment values.
+fn text_value(key: &str, text: &str, defaults: &Dict, origin: &str) -> Result<Value, ConfigError> {
+    let t = text.trim();
     Ok(match defaults.get(key) {
-        Some(Value::String(_)) => {
-            // A complete TOML string literal ("2s", 'x') is unquoted; anything else is verbatim.
-            let t = text.trim();
-            match toml_value(t) {
-                Some(Value::String(s)) if t.starts_with(['"', '\'']) => Value::String(s),
-                _ => Value::String(text.to_owned()),
-            }
-        }
-        Some(Value::Array(_)) => {
-            let t = text.trim();
-            if t.starts_with('[') {
-                toml_value(t)
-                    .filter(Value::is_array)
-                    .ok_or_else(|| ConfigError::Invalid {
-                        key: key.to_owned(),
-                        message: format!("expected a TOML list or a,b,c, got {t:?}"),
-                        origin: Some(origin.to_owned()),
-                    })?
+        Some(Value::String(..)) => {
+            if t.len() >= 2
+                && t.starts_with('\'')
+                && t.ends_with('\'')
+                && !t[1..t.len() - 1].contains('\'')
+            {
+                Value::from(t[1..t.len() - 1].to_owned())
             } else {
-                Value::Array(
-                    t.split(',')
-                        .map(str::trim)
-                        .filter(|s| !s.is_empty())
-                        .map(|s| Value::String(s.to_owned()))
-                        .collect(),
-                )
+                match t.starts_with('"').then(|| t.parse::<Value>()) {
+                    // figment's parser unquotes a complete string; anything else comes back whole.
+                    Some(Ok(Value::String(_, s))) if s != t => Value::from(s),
+                    _ => Value::from(text.to_owned()),
+                }
             }
         }
-        _ => toml_value(text.trim()).unwrap_or_else(|| Value::String(text.to_owned())),
+        Some(Value::Array(..)) if t.starts_with('[') => match t.parse::<Value>() {
+            Ok(list @ Value::Array(..)) => list,
+            _ => {
+                return Err(ConfigError::Invalid {
+                    key: key.to_owned(),
+                    message: format!("expected a list [a, b] or a,b,c, got {t:?}"),
+                    origin: Some(origin.to_owned()),
+                })
+            }
+        },
+        Some(Value::Array(..)) => Value::from(
+            t.split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(|s| Value::from(s.to_owned()))
+                .collect::<Vec<Value>>(),
+        ),
+        _ => match t.parse::<Value>() {
+            Ok(v) => v,
+            Err(never) => match never {},
+        },
     })
 }

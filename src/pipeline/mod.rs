@@ -36,11 +36,6 @@ pub use self::origin::Origin;
 /// are dropped at once by `purge`; this bounds staleness when nobody purges.
 const ORIGINAL_IDLE_TTL: Duration = Duration::from_secs(600);
 
-/// `popular_halflife` until the configuration names it.
-const POPULAR_HALFLIFE: Duration = Duration::from_secs(3600);
-/// `prerender_popular` until the configuration names it.
-const PRERENDER_POPULAR: usize = 3;
-
 /// The orchestration of one image request. Cheap to clone (everything inside is shared).
 #[derive(Clone)]
 pub struct Pipeline {
@@ -127,28 +122,29 @@ impl Pipeline {
         let budgets = Arc::new(Budgets::new(BudgetConfig::from_config(&config)));
         let rules = config.rules();
         // Without a cache to keep them in, background renders would be thrown away.
-        let prerender_count = if config.memory_cache_bytes == 0 && remote.is_none() {
+        let prerender_count = if config.caching.memory_cache_mb.bytes() == 0 && remote.is_none() {
             0
         } else {
-            PRERENDER_POPULAR
+            config.prerender.prerender_popular
         };
         let processor = Processor::new(
             budgets.clone(),
             config.decode_limits(),
-            config.render_timeout,
-            config.max_avif_output_pixels,
+            config.timeouts.render_timeout,
+            config.rendering.max_avif_output_pixels,
         );
         let memory = MemoryCache::new(
-            config.memory_cache_bytes,
-            config.memory_cache_max_entry_bytes,
-            config.not_found_ttl,
+            config.caching.memory_cache_mb.bytes(),
+            config.caching.memory_cache_max_entry_kb.bytes(),
+            config.caching.not_found_ttl,
         );
         let originals = Cache::builder()
-            .max_capacity(config.originals_cache_bytes)
+            .max_capacity(config.caching.originals_cache_mb.bytes())
             .weigher(|_k: &String, v: &Bytes| u32::try_from(v.len()).unwrap_or(u32::MAX))
             .time_to_idle(ORIGINAL_IDLE_TTL)
             .support_invalidation_closures()
             .build();
+        let popularity = Popularity::new(config.prerender.popular_halflife);
         Pipeline {
             inner: Arc::new(Inner {
                 defaults: config.default_quality(),
@@ -162,7 +158,7 @@ impl Pipeline {
                 overrides,
                 store_warning: RateLimitedWarning::default(),
                 waiting: Waiting::default(),
-                popularity: Popularity::new(POPULAR_HALFLIFE),
+                popularity,
                 prerender_count,
                 lane: prerender::Lane::default(),
                 rules,
@@ -549,11 +545,11 @@ impl Inner {
             version: req.version,
             format,
             quality: req.effective_quality(format, &self.defaults),
-            gravity: self.config.crop_gravity,
-            enlarge: self.config.enlarge,
-            background: self.config.background,
-            progressive: self.config.progressive_jpeg,
-            avif_effort: self.config.avif_effort,
+            gravity: self.config.rendering.crop_gravity,
+            enlarge: self.config.rendering.enlarge,
+            background: self.config.rendering.background,
+            progressive: self.config.rendering.progressive_jpeg,
+            avif_effort: self.config.rendering.avif_effort,
         }
     }
 

@@ -89,10 +89,11 @@ pub fn fit_connections(config: &Config) -> (usize, Option<String>) {
     let limit = match rlimit::increase_nofile_limit(u64::MAX) {
         Ok(limit) => limit,
         // No such limit on this platform: nothing to fit.
-        Err(_) => return (config.max_connections, None),
+        Err(_) => return (config.listen.max_connections, None),
     };
-    let outbound = (config.download_concurrency + config.upload_concurrency) as u64;
-    connections_within(config.max_connections, outbound, limit)
+    let outbound =
+        (config.capacity.download_concurrency + config.caching.upload_concurrency) as u64;
+    connections_within(config.listen.max_connections, outbound, limit)
 }
 
 /// [`fit_connections`] for a known open-files limit.
@@ -123,14 +124,14 @@ pub async fn run(
     status_listener: Option<TcpListener>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> std::io::Result<()> {
-    let grace = app.config.shutdown_grace;
+    let grace = app.config.timeouts.shutdown_grace;
     let (stop_tx, stop_rx) = watch::channel(false);
     // The status port has its own stop signal, its own connections and its own small budget: it
     // keeps answering through the drain (so probes read 503 from `/ready` instead of a refused
     // connection), and image traffic filling `max_connections` cannot starve probes.
     let (status_stop_tx, status_stop_rx) = watch::channel(false);
     let image_port = Arc::new(Slots::new(
-        app.config.max_connections,
+        app.config.listen.max_connections,
         app.rooms.image.clone(),
     ));
     let status_port = Arc::new(Slots::new(STATUS_MAX_CONNECTIONS, app.rooms.status.clone()));
@@ -235,9 +236,9 @@ async fn accept_loop(
 ) {
     let config = &app.config;
     let deadlines = Deadlines {
-        header_read: config.header_read_timeout,
-        keep_alive: config.keep_alive_timeout,
-        send: config.send_timeout,
+        header_read: config.timeouts.header_read_timeout,
+        keep_alive: config.timeouts.keep_alive_timeout,
+        send: config.timeouts.send_timeout,
     };
     let mut builder = Builder::new(TokioExecutor::new());
     // hyper's own header timer is off: it also runs while a keep-alive connection waits for its next
@@ -252,10 +253,10 @@ async fn accept_loop(
     builder
         .http2()
         .timer(TokioTimer::new())
-        .max_concurrent_streams(config.http2_max_concurrent_streams)
+        .max_concurrent_streams(config.listen.http2_max_concurrent_streams)
         .max_header_list_size(MAX_HEADER_BYTES as u32)
-        .keep_alive_interval(config.send_timeout)
-        .keep_alive_timeout(config.send_timeout);
+        .keep_alive_interval(config.timeouts.send_timeout)
+        .keep_alive_timeout(config.timeouts.send_timeout);
     let builder = Arc::new(builder);
     loop {
         if *stop.borrow() {
@@ -434,8 +435,13 @@ impl Running {
 /// Binds both ports from `app.config` (port 0 picks a free one) and serves in the background.
 pub async fn start(app: App) -> std::io::Result<Running> {
     let app = Arc::new(app);
-    let listener = TcpListener::bind((app.config.listen_address, app.config.server_port)).await?;
-    let status = TcpListener::bind((app.config.status_address, app.config.status_port)).await?;
+    let listener = TcpListener::bind((
+        app.config.listen.listen_address,
+        app.config.listen.server_port,
+    ))
+    .await?;
+    let status =
+        TcpListener::bind((app.config.listen.status_ip(), app.config.listen.status_port)).await?;
     let addr = listener.local_addr()?;
     let status_addr = status.local_addr()?;
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();

@@ -373,11 +373,11 @@ impl SourceGuard {
     /// The guard named by the configuration: `None` when `allow_source_override` is off (then every
     /// `?source=` is refused). Uses the system resolver and [`AddressPolicy::public_only`].
     pub fn from_config(cfg: &Config) -> Result<Option<SourceGuard>, SourceError> {
-        if !cfg.allow_source_override {
+        if !cfg.security.allow_source_override {
             return Ok(None);
         }
         SourceGuard::new(
-            &cfg.allowed_source_hosts,
+            &cfg.security.allowed_source_hosts,
             SourceLimits::from_config(cfg),
             Arc::new(SystemResolver),
             AddressPolicy::public_only(),

@@ -25,7 +25,7 @@ use std::time::Duration;
 use object_store::path::Path as StorePath;
 use object_store::{ClientOptions, ObjectStore, RetryConfig};
 
-use crate::config::{Config, S3Config};
+use crate::config::{Config, S3Config, SourceDomain, SourcePath, StoreKind, StoreUrl};
 use crate::request::ImageRequest;
 
 /// Why an original could not be fetched. Each variant maps to one status (`crate::error`).
@@ -66,9 +66,9 @@ impl SourceLimits {
     /// The limits named by the configuration.
     pub fn from_config(cfg: &Config) -> SourceLimits {
         SourceLimits {
-            max_bytes: cfg.max_source_bytes,
-            connect_timeout: cfg.connect_timeout,
-            fetch_timeout: cfg.fetch_timeout,
+            max_bytes: cfg.limits.max_source_bytes.bytes(),
+            connect_timeout: cfg.timeouts.connect_timeout,
+            fetch_timeout: cfg.timeouts.fetch_timeout,
         }
     }
 }
@@ -87,18 +87,21 @@ impl Source {
     /// `source_path` template. Exactly one of the two must be set.
     pub fn from_config(cfg: &Config) -> Result<Source, SourceError> {
         let limits = SourceLimits::from_config(cfg);
-        match (&cfg.source_domain, &cfg.source_store) {
+        match (&cfg.originals.source_domain, &cfg.originals.source_store) {
             (Some(_), Some(_)) => Err(SourceError::Config(
                 "set only one of source_domain and source_store".into(),
             )),
             (Some(base), None) => Source::new_http(
                 base.clone(),
-                cfg.source_path.clone(),
+                cfg.originals.source_path.clone(),
                 limits,
-                http::OriginRules::default(),
+                http::OriginRules {
+                    not_found: cfg.originals.source_not_found_statuses.clone(),
+                    redirect_hosts: cfg.originals.source_redirect_hosts.clone(),
+                },
             ),
             (None, Some(store)) => {
-                Source::new_object(store, &cfg.s3, cfg.source_path.clone(), limits)
+                Source::new_object(store, &cfg.s3, cfg.originals.source_path.clone(), limits)
             }
             (None, None) => Err(SourceError::Config(
                 "no source: set source_domain or source_store".into(),
@@ -108,8 +111,8 @@ impl Source {
 
     /// An HTTP(S) source: originals are at `{base}/{expanded template}`.
     pub fn new_http(
-        base: url::Url,
-        template: String,
+        base: SourceDomain,
+        template: SourcePath,
         limits: SourceLimits,
         rules: http::OriginRules,
     ) -> Result<Source, SourceError> {
@@ -119,9 +122,9 @@ impl Source {
     /// An object-store source (`file:///dir`, `s3://bucket/prefix`, …): originals are at
     /// `{prefix}/{expanded template}`.
     pub fn new_object(
-        store_url: &str,
+        store_url: &StoreUrl,
         s3: &S3Config,
-        template: String,
+        template: SourcePath,
         limits: SourceLimits,
     ) -> Result<Source, SourceError> {
         object::ObjectSource::new(store_url, s3, template, limits).map(Source::Object)
@@ -145,10 +148,8 @@ impl Source {
     }
 }
 
-/// The placeholders a `source_path` template may hold, and the request field each takes.
-const PLACEHOLDERS: [&str; 3] = ["{model}", "{type}", "{id}"];
-
-/// Expands a `source_path` template: `{model}`, `{type}` and `{id}` become the request's names.
+/// Expands a `source_path` template (checked when the configuration loaded, [`SourcePath`]):
+/// `{model}`, `{type}` and `{id}` become the request's names.
 ///
 /// The names are safe to paste into a URL path or an object key as they are: the URL parser only
 /// lets `[A-Za-z0-9_-]` through, so no escaping is needed and no `..` can appear.
@@ -157,28 +158,6 @@ pub fn expand_template(template: &str, req: &ImageRequest) -> String {
         .replace("{model}", &req.model)
         .replace("{type}", &req.kind)
         .replace("{id}", &req.id)
-}
-
-/// Checks a `source_path` template once, at start-up: not empty, braces only in the three known
-/// placeholders, and `{id}` present (without it every id would map to the same original, which is
-/// always a configuration mistake).
-pub(crate) fn validate_template(template: &str) -> Result<(), SourceError> {
-    if template.trim_matches('/').is_empty() {
-        return Err(SourceError::Config("source_path is empty".into()));
-    }
-    if !template.contains("{id}") {
-        return Err(SourceError::Config("source_path must contain {id}".into()));
-    }
-    let mut rest = template.to_owned();
-    for p in PLACEHOLDERS {
-        rest = rest.replace(p, "");
-    }
-    if rest.contains('{') || rest.contains('}') {
-        return Err(SourceError::Config(
-            "source_path may only use the placeholders {model}, {type} and {id}".into(),
-        ));
-    }
-    Ok(())
 }
 
 /// A request with names that exercise the template at start-up, so a template that cannot form a
@@ -194,7 +173,8 @@ pub(crate) fn probe_request() -> ImageRequest {
     }
 }
 
-/// Builds an object store and its key prefix from an object-store URL (docs/configuration.md):
+/// Builds an object store and its key prefix from an object-store URL, checked when the
+/// configuration loaded ([`StoreUrl`], docs/configuration.md):
 ///
 /// - `file:///dir`: the local filesystem below `dir` (created if missing);
 /// - `memory://`: an in-process store (tests);
@@ -207,24 +187,12 @@ pub(crate) fn probe_request() -> ImageRequest {
 /// object_store's default of 10 retries over 3 minutes would hold a request far beyond its
 /// deadline. Shared with the result store (`cache::remote`).
 pub fn object_store_from_url(
-    url: &str,
+    url: &StoreUrl,
     s3: &S3Config,
     timeout: Duration,
     connect_timeout: Duration,
 ) -> Result<(Arc<dyn ObjectStore>, StorePath), SourceError> {
-    let parsed = url::Url::parse(url)
-        .map_err(|e| SourceError::Config(format!("bad object-store URL: {e}")))?;
-    if !parsed.username().is_empty() || parsed.password().is_some() {
-        // Credentials belong in their own keys, not in a URL that ends up in logs.
-        return Err(SourceError::Config(
-            "object-store URL must not carry credentials".into(),
-        ));
-    }
-    if parsed.query().is_some() || parsed.fragment().is_some() {
-        return Err(SourceError::Config(
-            "object-store URL must not have a query or fragment".into(),
-        ));
-    }
+    let prefix = url.prefix().clone();
     let retry = RetryConfig {
         max_retries: 1,
         retry_timeout: timeout,
@@ -239,39 +207,24 @@ pub fn object_store_from_url(
         .with_connect_timeout(connect_timeout);
     let build_err = |e: object_store::Error| SourceError::Config(format!("object store: {e}"));
 
-    match parsed.scheme() {
-        "file" => {
-            if parsed.host_str().is_some_and(|h| !h.is_empty()) {
-                return Err(SourceError::Config(
-                    "file:// URL must be file:///absolute/dir".into(),
-                ));
-            }
-            let dir = parsed
-                .to_file_path()
-                .map_err(|()| SourceError::Config("file:// URL is not a local path".into()))?;
-            std::fs::create_dir_all(&dir).map_err(|e| {
+    match url.kind() {
+        StoreKind::File(dir) => {
+            std::fs::create_dir_all(dir).map_err(|e| {
                 SourceError::Config(format!("cannot create {}: {e}", dir.display()))
             })?;
             let store =
-                object_store::local::LocalFileSystem::new_with_prefix(&dir).map_err(build_err)?;
+                object_store::local::LocalFileSystem::new_with_prefix(dir).map_err(build_err)?;
             Ok((Arc::new(store), StorePath::default()))
         }
-        "memory" => {
-            let prefix = prefix_of(&parsed, true)?;
-            Ok((Arc::new(object_store::memory::InMemory::new()), prefix))
-        }
-        "s3" => {
-            let bucket = bucket_of(&parsed)?;
-            let prefix = prefix_of(&parsed, false)?;
+        StoreKind::Memory => Ok((Arc::new(object_store::memory::InMemory::new()), prefix)),
+        StoreKind::S3 { bucket } => {
             let store = s3_builder(bucket, s3, client)
                 .with_retry(retry)
                 .build()
                 .map_err(build_err)?;
             Ok((Arc::new(store), prefix))
         }
-        "gs" => {
-            let bucket = bucket_of(&parsed)?;
-            let prefix = prefix_of(&parsed, false)?;
+        StoreKind::Gcs { bucket } => {
             // GCS has no keys of its own in our config: the provider's standard environment
             // (GOOGLE_SERVICE_ACCOUNT, GOOGLE_APPLICATION_CREDENTIALS, …) supplies credentials.
             let store = object_store::gcp::GoogleCloudStorageBuilder::from_env()
@@ -284,9 +237,7 @@ pub fn object_store_from_url(
                 .map_err(build_err)?;
             Ok((Arc::new(store), prefix))
         }
-        "az" | "azure" => {
-            let container = bucket_of(&parsed)?;
-            let prefix = prefix_of(&parsed, false)?;
+        StoreKind::Azure { container } => {
             // Likewise AZURE_STORAGE_ACCOUNT_NAME / AZURE_STORAGE_ACCOUNT_KEY / … from the environment.
             let store = object_store::azure::MicrosoftAzureBuilder::from_env()
                 .with_container_name(container)
@@ -296,9 +247,6 @@ pub fn object_store_from_url(
                 .map_err(build_err)?;
             Ok((Arc::new(store), prefix))
         }
-        other => Err(SourceError::Config(format!(
-            "unsupported object-store scheme {other:?} (file, memory, s3, gs, az)"
-        ))),
     }
 }
 
@@ -330,7 +278,11 @@ fn s3_builder(
     }
     let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
     let (key, secret, token) = match (&s3.access_key_id, &s3.secret_access_key) {
-        (Some(k), Some(s)) => (Some(k.clone()), Some(s.clone()), None),
+        (Some(k), Some(s)) => (
+            Some(k.expose().to_owned()),
+            Some(s.expose().to_owned()),
+            None,
+        ),
         _ => (
             env("AWS_ACCESS_KEY_ID"),
             env("AWS_SECRET_ACCESS_KEY"),
@@ -344,27 +296,6 @@ fn s3_builder(
         }
     }
     b
-}
-
-/// The bucket (or container) of `s3://bucket/…`: the URL's host.
-fn bucket_of(url: &url::Url) -> Result<&str, SourceError> {
-    url.host_str()
-        .filter(|h| !h.is_empty())
-        .ok_or_else(|| SourceError::Config(format!("{}:// URL needs a bucket", url.scheme())))
-}
-
-/// The key prefix: the URL's path without its slashes. With `memory://prefix` the "host" is part
-/// of the prefix, since an in-memory store has no bucket.
-fn prefix_of(url: &url::Url, host_is_prefix: bool) -> Result<StorePath, SourceError> {
-    let mut raw = String::new();
-    if host_is_prefix {
-        raw.push_str(url.host_str().unwrap_or(""));
-        raw.push('/');
-    }
-    raw.push_str(url.path());
-    let raw = raw.trim_matches('/');
-    StorePath::parse(raw)
-        .map_err(|e| SourceError::Config(format!("bad object-store prefix {raw:?}: {e}")))
 }
 
 /// Joins the chunks of a body into one buffer, copying only when there is more than one (a small
@@ -436,25 +367,6 @@ mod tests {
         assert_eq!(join_chunks(parts, 4), Bytes::from_static(b"abcd"));
     }
 
-    #[test]
-    fn validates_templates() {
-        assert!(validate_template("{model}/{type}/{id}/original.jpg").is_ok());
-        assert!(validate_template("{id}.jpg").is_ok());
-        for bad in [
-            "",
-            "/",
-            "{model}/{type}/original.jpg",
-            "{id}/{size}",
-            "{id}/{model",
-            "{id}}",
-        ] {
-            assert!(
-                matches!(validate_template(bad), Err(SourceError::Config(_))),
-                "{bad:?} should be refused"
-            );
-        }
-    }
-
     fn s3() -> S3Config {
         S3Config {
             endpoint: Some("http://127.0.0.1:1".into()),
@@ -467,39 +379,21 @@ mod tests {
 
     const T: Duration = Duration::from_secs(1);
 
+    /// Store URLs are checked by the configuration ([`StoreUrl`]); building gives the store its prefix.
     #[test]
     fn store_urls_give_store_and_prefix() {
-        let (_, p) = object_store_from_url("s3://bucket/some/prefix/", &s3(), T, T).expect("s3");
+        let url = |s: &str| StoreUrl::parse(s).expect("store URL");
+        let (_, p) =
+            object_store_from_url(&url("s3://bucket/some/prefix/"), &s3(), T, T).expect("s3");
         assert_eq!(p.as_ref(), "some/prefix");
-        let (_, p) = object_store_from_url("s3://bucket", &s3(), T, T).expect("s3");
+        let (_, p) = object_store_from_url(&url("s3://bucket"), &s3(), T, T).expect("s3");
         assert!(p.is_root());
-        let (_, p) = object_store_from_url("memory://results", &s3(), T, T).expect("memory");
+        let (_, p) = object_store_from_url(&url("memory://results"), &s3(), T, T).expect("memory");
         assert_eq!(p.as_ref(), "results");
         let dir = tempfile::tempdir().expect("tempdir");
         let sub = dir.path().join("made/by/us");
-        let url = url::Url::from_directory_path(&sub).expect("url");
-        object_store_from_url(url.as_str(), &s3(), T, T).expect("file");
+        let file = url::Url::from_directory_path(&sub).expect("url");
+        object_store_from_url(&url(file.as_str()), &s3(), T, T).expect("file");
         assert!(sub.is_dir(), "file:// store creates its directory");
-    }
-
-    #[test]
-    fn bad_store_urls_are_config_errors() {
-        for bad in [
-            "not a url",
-            "ftp://host/x",
-            "s3://",
-            "s3://user:pw@bucket/x",
-            "s3://bucket/x?y=1",
-            "s3://bucket/a//b",
-            "file://host/dir",
-        ] {
-            assert!(
-                matches!(
-                    object_store_from_url(bad, &s3(), T, T),
-                    Err(SourceError::Config(_))
-                ),
-                "{bad:?} should be refused"
-            );
-        }
     }
 }

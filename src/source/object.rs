@@ -14,11 +14,9 @@ use futures::StreamExt;
 use object_store::path::Path as StorePath;
 use object_store::{ObjectStore, ObjectStoreExt};
 
-use super::{
-    error_chain, expand_template, object_store_from_url, probe_request, validate_template,
-};
+use super::{error_chain, expand_template, object_store_from_url, probe_request};
 use super::{join_chunks, SourceError, SourceLimits};
-use crate::config::S3Config;
+use crate::config::{S3Config, SourcePath, StoreUrl};
 use crate::request::ImageRequest;
 
 /// Originals in an object store.
@@ -28,26 +26,25 @@ pub struct ObjectSource {
     prefix: StorePath,
     /// The store URL as configured (credentials are refused in it), for logs.
     described: String,
-    template: String,
+    template: SourcePath,
     limits: SourceLimits,
 }
 
 impl ObjectSource {
-    /// Builds the store from its URL and checks the template.
+    /// Builds the store from its URL (both checked when the configuration loaded).
     pub fn new(
-        store_url: &str,
+        store_url: &StoreUrl,
         s3: &S3Config,
-        template: String,
+        template: SourcePath,
         limits: SourceLimits,
     ) -> Result<ObjectSource, SourceError> {
-        validate_template(&template)?;
         // One HTTP request to the store may take the whole fetch deadline; retries stay inside it.
         let (store, prefix) =
             object_store_from_url(store_url, s3, limits.fetch_timeout, limits.connect_timeout)?;
         let source = ObjectSource {
             store,
             prefix,
-            described: describe_url(store_url),
+            described: describe_url(store_url.as_str()),
             template,
             limits,
         };
@@ -222,6 +219,14 @@ mod tests {
         }
     }
 
+    fn store(url: &str) -> StoreUrl {
+        StoreUrl::parse(url).expect("store URL")
+    }
+
+    fn template(t: &str) -> SourcePath {
+        SourcePath::parse(t).expect("template")
+    }
+
     /// A `file://` source over a temporary directory holding product/image/1/original.jpg.
     fn file_source(max_bytes: u64) -> (tempfile::TempDir, ObjectSource) {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -230,9 +235,9 @@ mod tests {
         std::fs::write(orig.join("original.jpg"), b"0123456789").expect("write");
         let url = url::Url::from_directory_path(dir.path().join("originals")).expect("url");
         let source = ObjectSource::new(
-            url.as_str(),
+            &store(url.as_str()),
             &S3Config::default(),
-            "{model}/{type}/{id}/original.jpg".into(),
+            template("{model}/{type}/{id}/original.jpg"),
             limits(max_bytes),
         )
         .expect("source");
@@ -307,9 +312,9 @@ mod tests {
     #[tokio::test]
     async fn memory_store_with_prefix() {
         let s = ObjectSource::new(
-            "memory://originals",
+            &store("memory://originals"),
             &S3Config::default(),
-            "{model}/{id}.jpg".into(),
+            template("{model}/{id}.jpg"),
             limits(100),
         )
         .expect("source");
@@ -358,8 +363,13 @@ mod tests {
     #[tokio::test]
     async fn s3_found_and_missing() {
         let (addr, raw) = fake_s3(false).await;
-        let s = ObjectSource::new("s3://bucket/p", &s3_at(addr), "{id}".into(), limits(100))
-            .expect("source");
+        let s = ObjectSource::new(
+            &store("s3://bucket/p"),
+            &s3_at(addr),
+            template("{id}"),
+            limits(100),
+        )
+        .expect("source");
         assert_eq!(s.fetch(&req("1")).await, Ok(Bytes::from_static(b"abc")));
         assert_eq!(s.fetch(&req("2")).await, Err(SourceError::NotFound));
         let heads = raw.heads();
@@ -369,8 +379,13 @@ mod tests {
             "{}",
             heads[0]
         );
-        let s = ObjectSource::new("s3://bucket/p", &s3_at(addr), "{id}".into(), limits(2))
-            .expect("source");
+        let s = ObjectSource::new(
+            &store("s3://bucket/p"),
+            &s3_at(addr),
+            template("{id}"),
+            limits(2),
+        )
+        .expect("source");
         assert_eq!(s.fetch(&req("1")).await, Err(SourceError::TooLarge));
         assert_eq!(s.describe(), "s3://bucket/p");
         assert_eq!(describe_url("s3://bucket/p/"), "s3://bucket/p");
@@ -383,8 +398,13 @@ mod tests {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         let addr = listener.local_addr().expect("addr");
         drop(listener);
-        let s = ObjectSource::new("s3://bucket/p", &s3_at(addr), "{id}".into(), limits(100))
-            .expect("source");
+        let s = ObjectSource::new(
+            &store("s3://bucket/p"),
+            &s3_at(addr),
+            template("{id}"),
+            limits(100),
+        )
+        .expect("source");
         let start = Instant::now();
         let got = s.fetch(&req("1")).await;
         assert!(matches!(got, Err(SourceError::Upstream(_))), "{got:?}");
@@ -401,7 +421,8 @@ mod tests {
         let (addr, _) = fake_s3(true).await;
         let mut l = limits(100);
         l.fetch_timeout = Duration::from_millis(300);
-        let s = ObjectSource::new("s3://bucket", &s3_at(addr), "{id}".into(), l).expect("source");
+        let s = ObjectSource::new(&store("s3://bucket"), &s3_at(addr), template("{id}"), l)
+            .expect("source");
         let start = Instant::now();
         assert_eq!(s.fetch(&req("1")).await, Err(SourceError::Timeout));
         assert!(

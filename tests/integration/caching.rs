@@ -132,7 +132,7 @@ async fn shared_store_scenario(store: Store) {
         s3.access_key_id = Some(crate::seaweed::ACCESS_KEY.into());
         s3.secret_access_key = Some(crate::seaweed::SECRET_KEY.into());
         let (raw, _) = image_server::source::object_store_from_url(
-            &weed.url(""),
+            &image_server::config::StoreUrl::parse(&weed.url("")).expect("store URL"),
             &s3,
             Duration::from_secs(5),
             Duration::from_secs(2),

@@ -1,5 +1,7 @@
-//! The documentation against the code: every configuration key of `config/default.toml` is in
-//! docs/configuration.md with its default and environment variable (and no key it lacks), every
+//! The documentation against the code: every configuration key the code declares
+//! (`image_server::config::keys`, from src/config/groups.rs) has its default in `config/default.toml`
+//! (and that file names no other key), and is in docs/configuration.md with that default and its
+//! environment variable (and the page names no key the code lacks); every
 //! relative link in README.md and docs/ resolves to a file inside the repository, and no document
 //! refers to a tracker entry by number. (That every metric is in docs/operations.md is checked by
 //! `src/metrics.rs`'s own test, against the name constants.)
@@ -18,7 +20,8 @@ fn read(relative: &str) -> String {
     std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()))
 }
 
-/// The key lines of config/default.toml (`^[a-z0-9_]+ = `), as key → default value text.
+/// The key lines of config/default.toml (`^[a-z0-9_]+ = `), as key → default value text: exactly
+/// the keys the code declares.
 fn default_keys() -> BTreeMap<String, String> {
     let text = read("config/default.toml");
     let mut keys = BTreeMap::new();
@@ -44,6 +47,15 @@ fn default_keys() -> BTreeMap<String, String> {
     assert_eq!(
         parsed, found,
         "config/default.toml: write every key as `key = value` at the start of a line"
+    );
+    let declared: BTreeSet<String> = image_server::config::keys()
+        .into_iter()
+        .map(str::to_owned)
+        .collect();
+    let in_file: BTreeSet<String> = keys.keys().cloned().collect();
+    assert_eq!(
+        in_file, declared,
+        "config/default.toml must name exactly the keys declared in src/config/groups.rs"
     );
     keys
 }
@@ -82,7 +94,7 @@ fn every_configuration_key_is_documented_with_its_default() {
             Some(format!("`{default}`").as_str()),
             "docs/configuration.md: the default of `{key}` must be `{default}`, as in config/default.toml"
         );
-        let var = format!("`IMAGE_SERVER_{}`", key.to_ascii_uppercase());
+        let var = format!("`{}`", image_server::config::env_var(key));
         assert_eq!(
             row.get(2).copied(),
             Some(var.as_str()),
@@ -105,7 +117,7 @@ fn configuration_doc_names_no_unknown_key() {
         for word in snake_case_words(first) {
             assert!(
                 keys.contains_key(word),
-                "docs/configuration.md documents `{word}`, which config/default.toml does not have"
+                "docs/configuration.md documents `{word}`, which the code does not declare"
             );
         }
     }

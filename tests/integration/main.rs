@@ -14,6 +14,7 @@ mod migration;
 mod operations;
 mod prerender;
 mod seaweed;
+mod seed_config;
 mod serve;
 mod source_override;
 mod support;

@@ -93,7 +93,7 @@ fn bucket(weed: &Seaweed) -> Arc<dyn ObjectStore> {
     s3.access_key_id = Some(seaweed::ACCESS_KEY.into());
     s3.secret_access_key = Some(seaweed::SECRET_KEY.into());
     let (store, _) = image_server::source::object_store_from_url(
-        &weed.url(""),
+        &image_server::config::StoreUrl::parse(&weed.url("")).expect("store URL"),
         &s3,
         Duration::from_secs(5),
         Duration::from_secs(2),
@@ -677,8 +677,8 @@ async fn purge_endpoint_guards_itself_and_drops_every_memory_entry_of_an_origina
 }
 
 /// `check-config` builds what start-up builds: a result store URL that parses as a URL but names no
-/// bucket is refused (exit 2, the key named), as `serve` would refuse it; `--print` shows the settings
-/// in force, new keys included, with secrets only as whether they are set.
+/// bucket is refused (exit 2, the key named), as `serve` would refuse it; `--print` shows every key's
+/// value in force and where it came from, secrets redacted.
 #[tokio::test]
 async fn check_config_builds_what_start_up_builds() {
     let origin = Origin::start().await;
@@ -695,8 +695,15 @@ async fn check_config_builds_what_start_up_builds() {
     assert!(text.ends_with("configuration OK\n"), "{text}");
     let json = &text[..text.rfind("configuration OK").expect("ok line")];
     let settings: serde_json::Value = serde_json::from_str(json).expect("JSON settings");
-    assert_eq!(settings["max_jpeg_scans"], 100);
-    assert_eq!(settings["purge_endpoint"], true);
+    assert_eq!(settings["max_jpeg_scans"]["value"], 100);
+    assert_eq!(settings["max_jpeg_scans"]["origin"], "default");
+    assert_eq!(settings["admin_token"]["value"], "<redacted>");
+    assert_eq!(settings["admin_token"]["origin"], "--set admin_token");
+    assert_eq!(settings["source_domain"]["origin"], "--source-domain");
+    let port_from = settings["server_port"]["origin"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(port_from.ends_with("config/test.toml"), "{port_from}");
     assert!(
         !text.contains("a-long-enough-admin-token"),
         "no secret printed"

@@ -79,10 +79,10 @@ async fn start_guarded(
     ];
     o.extend_from_slice(extra);
     let cfg = support::config(&o);
-    vips::init(cfg.accept_avif_input).expect("libvips");
+    vips::init(cfg.rendering.accept_avif_input).expect("libvips");
     image_server::metrics::install(None);
     let guard = SourceGuard::new(
-        &cfg.allowed_source_hosts,
+        &cfg.security.allowed_source_hosts,
         SourceLimits::from_config(&cfg),
         Arc::new(resolver.clone()),
         AddressPolicy::for_tests(vec!["127.0.0.1".parse().expect("ip")]),

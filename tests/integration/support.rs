@@ -233,11 +233,12 @@ pub fn config(overrides: &[(&str, &str)]) -> Config {
         flags,
     )
     .expect("test config")
+    .config
 }
 
 /// Starts the real server with this config on 127.0.0.1:0 (both ports).
 pub async fn start(config: Config) -> Running {
-    vips::init(config.accept_avif_input).expect("libvips");
+    vips::init(config.rendering.accept_avif_input).expect("libvips");
     image_server::metrics::install(None);
     let app = App::new(config).expect("app");
     server::start(app).await.expect("server starts")
