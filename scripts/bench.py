@@ -229,6 +229,84 @@ def followup(port, sport, count, served):
     return f"{hits}/{asked} from memory ({share:.0%}) for {', '.join(popular)} of ids 1-{count}"
 
 
+async def pages_async(port, seconds, workers, versions, ids):
+    """W7's client: WORKERS page loads at a time; each sends its id's VERSIONS at once, one per
+    keep-alive connection, and waits for all of them."""
+    counter = {"next": 0}
+    latencies, statuses = [], []
+    deadline = time.perf_counter() + seconds
+
+    async def read_response(reader):
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = 0
+        for line in head.split(b"\r\n")[1:]:
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"content-length":
+                length = int(value.strip())
+        await reader.readexactly(length)
+        parts = head.split(b" ", 2)
+        return int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 0
+
+    async def worker():
+        conns = [await asyncio.open_connection("127.0.0.1", port) for _ in versions]
+        while time.perf_counter() < deadline:
+            page = counter["next"] % ids + 1
+            counter["next"] += 1
+            t0 = time.perf_counter()
+            for (_, writer), v in zip(conns, versions):
+                writer.write(f"GET /product/image/{page}/{v} HTTP/1.1\r\nHost: bench\r\n\r\n".encode())
+            got = await asyncio.gather(*(read_response(r) for r, _ in conns))
+            latencies.append(time.perf_counter() - t0)
+            statuses.extend(got)
+        for _, writer in conns:
+            writer.close()
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(workers)))
+    return time.perf_counter() - t0, latencies, statuses
+
+
+def pages(args):
+    kv = dict(p.split("=", 1) for p in args)
+    port, sport, pid = int(kv["port"]), int(kv["sport"]), int(kv["pid"])
+    versions = kv["versions"].split(",")
+    decodes0 = status(sport, "processing.decodes")
+    cpu0 = proc_cpu(pid)
+    wall, lat, statuses = asyncio.run(
+        pages_async(port, float(kv["seconds"]), int(kv["workers"]), versions, int(kv["ids"]))
+    )
+    cpu = proc_cpu(pid) - cpu0
+    decodes = status(sport, "processing.decodes") - decodes0
+    lat.sort()
+    n = len(lat)
+    per_page_ms = cpu / n * 1000 if n else 0.0
+    w1 = None
+    for line in open(kv["results"]):
+        row = json.loads(line)
+        if row["name"] == "W1 fit" and row["conns"] == 8 and row.get("cpu_s"):
+            w1 = row["cpu_s"] / row["requests"] * 1000
+    versus = f" = {per_page_ms / w1:.2f}x one W1 request ({w1:.1f} ms)" if w1 else ""
+    print(
+        json.dumps(
+            {
+                "name": "W7 page (6 versions per id)",
+                "conns": int(kv["workers"]) * len(versions),
+                "requests": len(statuses),
+                "seconds": wall,
+                "non2xx": sum(1 for s in statuses if s != 200),
+                "socket_errors": 0,
+                "p50_us": nearest_rank(lat, 50) * 1e6 if n else 0,
+                "p99_us": nearest_rank(lat, 99) * 1e6 if n else 0,
+                "cpu_s": cpu,
+                "hwm_mb": proc_hwm(pid),
+                "note": f"{n} pages, CPU {per_page_ms:.1f} ms per page{versus}; "
+                f"{decodes} decode passes ({decodes / n if n else 0:.2f} per page); "
+                f"p50/p99 are per page",
+            }
+        )
+    )
+
+
 async def stampede_async(port, path, n):
     conns = await asyncio.gather(*(asyncio.open_connection("127.0.0.1", port) for _ in range(n)))
     request = f"GET {path} HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n".encode()
@@ -540,6 +618,8 @@ def main(argv):
         print(f"{max(proc_hwm(p) for p in [pid] + children(pid)):.1f}")
     elif cmd == "stampede":
         stampede(int(args[0]), int(args[1]), args[2], int(args[3]), int(args[4]))
+    elif cmd == "pages":
+        pages(args)
     elif cmd == "followup":
         print(followup(int(args[0]), int(args[1]), int(args[2]), args[3]))
     elif cmd == "status":

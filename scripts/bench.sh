@@ -620,45 +620,21 @@ under_attack() {
 }
 
 # W7 catalogue page: for each id, the six versions a product page asks for at once, cold (no memory
-# cache; the originals cache on, as in production, so the six share one download). 6 connections:
-# one page at a time, its six requests in flight together. The row's CPU per page is 6 x its CPU per
-# request, to compare with one W1 fit request of this run.
-page_versions=(w100.jpg w200.jpg w300.jpg x150.jpg 300x400.jpg w600.webp)
-page_lua() {
-    local versions="" v
-    for v in "${page_versions[@]}"; do versions+="\"/$v\", "; done
-    cat >"$1" <<EOF
-local versions = { $versions }
-local modulo = $ids
-local counter = 0
-function request()
-  local n = counter
-  counter = counter + 1
-  local id = (math.floor(n / #versions) % modulo) + 1
-  return wrk.format("GET", "/product/image/" .. id .. versions[(n % #versions) + 1])
-end
-EOF
-    done_lua >>"$1"
-}
+# cache; the originals cache on, as in production, so the six share one download). bench.py's page
+# client loads 2 pages at a time, each page's 6 requests sent together on 6 keep-alive connections,
+# and reports the server CPU per page against one W1 fit request of this run.
+page_versions=w100.jpg,w200.jpg,w300.jpg,x150.jpg,300x400.jpg,w600.webp
 w7_page() {
-    local cpu0 cpu1 hwm decodes0 decodes1 lua="$work/page.lua" out="$work/wrk.out"
-    say "W7 catalogue page, 6 versions per id at once"
+    say "W7 catalogue page, 6 versions per id at once, 2 pages at a time"
     start_server w7 --set memory_cache_mb=0 "${bigqueue[@]}"
-    page_lua "$lua"
     if [ "$warmup" = 1 ]; then
-        run_wrk 6 "$lua" "$out" "$port" 1
+        bench_py pages port="$port" sport="$sport" pid="$server_pid" seconds=1 workers=2 \
+            versions="$page_versions" ids="$ids" results="$results" >/dev/null
         wait_idle
     fi
-    decodes0="$(bench_py status "$sport" processing.decodes)"
-    cpu0="$(bench_py cpu "$server_pid")"
-    run_wrk 6 "$lua" "$out" "$port"
-    cpu1="$(bench_py cpu "$server_pid")"
+    bench_py pages port="$port" sport="$sport" pid="$server_pid" seconds="$duration" workers=2 \
+        versions="$page_versions" ids="$ids" results="$results" >>"$results"
     wait_idle
-    decodes1="$(bench_py status "$sport" processing.decodes)"
-    hwm="$(bench_py hwm "$server_pid")"
-    bench_py record name="W7 page (6 versions per id)" conns=6 wrk="$out" hwm_mb="$hwm" \
-        cpu_s="$(awk "BEGIN { print $cpu1 - $cpu0 }")" \
-        note="$((decodes1 - decodes0)) decodes; versions: ${page_versions[*]}$(ids_note "$out")" >>"$results"
     stop_server w7
 }
 

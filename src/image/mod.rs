@@ -243,6 +243,21 @@ impl Processor {
         wanted: &(dyn Fn() -> bool + Sync),
     ) -> Result<Rendered, ImageError> {
         let limits = self.limits;
+        // Another version of this original already on its way to a slot: share its decode. Joined
+        // before anything else, so the versions a page asks for at once (woken together by the
+        // one download of their original) find each other.
+        let lease = if spec.format == Format::Avif {
+            None
+        } else {
+            match self.groups.join(&original, &spec) {
+                group::Role::Leader(lease) => Some(lease),
+                group::Role::Member(rx) => match rx.await {
+                    Ok(result) => return result,
+                    // The leader went away, or could not take this version: render alone.
+                    Err(_) => None,
+                },
+            }
+        };
         let inspection = self.inspect(&original).await?;
         let cost = cost::estimate(&inspection, &spec, self.max_avif_pixels)?;
         let budgets = &self.budgets;
@@ -253,22 +268,15 @@ impl Processor {
             None
         };
         let reserved = budgets.reserve(cost.bytes).await?;
-        // Another version of this original waiting for a slot too: share its decode.
-        let lease = if spec.format != Format::Avif && inspection.jpeg.is_some() {
-            match self.groups.join(&original, &spec) {
-                group::Role::Leader(lease) => Some(lease),
-                group::Role::Member(rx) => match rx.await {
-                    Ok(result) => return result,
-                    // The leader went away before its slot: render alone.
-                    Err(_) => None,
-                },
-            }
-        } else {
-            None
-        };
         let slot = budgets.slot().await;
         ticket.unstage();
-        let members = lease.map(group::Lease::close).unwrap_or_default();
+        let members = match lease.map(group::Lease::close) {
+            Some(members) if !members.is_empty() => {
+                self.admit_members(members, &inspection, cost.bytes).await
+            }
+            _ => (Vec::new(), None),
+        };
+        let (members, extra) = members;
         if !wanted() && members.is_empty() {
             self.abandoned.fetch_add(1, Ordering::Relaxed);
             return Err(ImageError::Abandoned);
@@ -278,7 +286,7 @@ impl Processor {
             .fetch_add(members.len() as u64, Ordering::Relaxed);
         let deadline = Deadline::after(self.render_timeout);
         let handle = tokio::task::spawn_blocking(move || {
-            let _held = (slot, reserved);
+            let _held = (slot, reserved, extra);
             if members.is_empty() {
                 let result =
                     render::render_within(&original, &spec, &limits, &deadline, &inspection);
@@ -301,6 +309,38 @@ impl Processor {
             .map_err(|e| ImageError::Internal(format!("render task: {e}")))?;
         self.decodes.fetch_add(decodes, Ordering::Relaxed);
         result
+    }
+
+    /// The members a leader can render with its own version: each member's own limits are checked
+    /// (a refusal is that member's answer), and the memory the largest of them needs beyond the
+    /// leader's `reserved` estimate is reserved now. If that cannot be had, the members are let go
+    /// (they render alone).
+    async fn admit_members(
+        &self,
+        members: Vec<group::Member>,
+        inspection: &cost::Inspection,
+        reserved: u64,
+    ) -> (Vec<group::Member>, Option<crate::budget::Reserved>) {
+        let mut extra = 0;
+        let mut kept = Vec::with_capacity(members.len());
+        for m in members {
+            match cost::estimate(inspection, &m.spec, self.max_avif_pixels) {
+                Ok(c) => {
+                    extra = extra.max(c.bytes.saturating_sub(reserved));
+                    kept.push(m);
+                }
+                Err(e) => {
+                    let _ = m.tx.send(Err(e));
+                }
+            }
+        }
+        if extra == 0 || kept.is_empty() {
+            return (kept, None);
+        }
+        match self.budgets.reserve(extra).await {
+            Ok(more) => (kept, Some(more)),
+            Err(_) => (Vec::new(), None),
+        }
     }
 
     /// Renders several versions of one original with one `ticket` and one slot, sharing one decode

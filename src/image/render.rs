@@ -89,7 +89,7 @@ pub fn render(
     )
 }
 
-/// [`render`] of an original [`inspect`] has passed (`inspected`), stopped with
+/// [`render`] of an original [`super::vips::inspect`] has passed (`inspected`), stopped with
 /// [`ImageError::Timeout`] once `deadline` has passed: the direct JPEG decode checks it from
 /// libjpeg's progress monitor, libvips' evaluation from its `eval` signal (see `EvalWatch`).
 /// Encoders that cannot be interrupted (the AV1 encoder) run to their end; the AVIF output ceiling

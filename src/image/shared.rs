@@ -5,7 +5,7 @@
 //! The decode uses the smallest shrink-on-load factor any of them needs (the largest decoded image,
 //! which serves the biggest version), full width, by libjpeg-turbo ([`super::jpeg`]); each version
 //! is then resampled from it ([`super::resample`]) and finished like any render
-//! ([`super::render::finish`]).
+//! (`render::finish`).
 //!
 //! **Identity.** A version whose own render would decode with the same factor comes out byte for
 //! byte as its own render would: the same decoder, the same decoded pixels (its own render decodes

@@ -307,7 +307,7 @@ pub(super) fn header_of(kind: Kind, img: &VipsImage) -> Result<Header, ImageErro
 
 /// Header facts of an original, read without decoding pixels. Refuses formats we do not load
 /// ([`ImageError::UnsupportedFormat`]) and unreadable headers ([`ImageError::Undecodable`]); does not
-/// apply the size limits (that is [`render`]'s job, so callers can see what a bomb claims to be).
+/// apply the size limits (that is [`super::render::render`]'s job, so callers can see what a bomb claims to be).
 pub fn probe(original: &[u8], limits: &DecodeLimits) -> Result<Header, ImageError> {
     ensure_init()?;
     let kind = sniff(original).ok_or(ImageError::UnsupportedFormat)?;

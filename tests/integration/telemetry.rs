@@ -941,7 +941,10 @@ async fn status_page_after_the_scenario() {
     // Renders started: the miss and the truncated original; downloads: 1, 2 and 3.
     assert_eq!(
         s["processing"],
-        serde_json::json!({"current": 0, "total": 2, "abandoned": 0, "memory_reserved_bytes": 0})
+        serde_json::json!({
+            "current": 0, "total": 2, "abandoned": 0, "memory_reserved_bytes": 0,
+            "decodes": 2, "shared_decodes": 0
+        })
     );
     assert_eq!(
         s["downloads"],
