@@ -129,8 +129,13 @@ pub(super) fn read_keys(
         );
     }
     if !ignored.is_empty() {
+        let (keys, mean) = if ignored.len() == 1 {
+            ("key", "means")
+        } else {
+            ("keys", "mean")
+        };
         report.warnings.push(format!(
-            "{origin}: ignoring {}, which the Go image-server's configuration used and which mean nothing here",
+            "{origin}: ignoring the Go image-server's {keys} {}, which {mean} nothing here",
             ignored
                 .iter()
                 .map(|k| format!("`{k}`"))
