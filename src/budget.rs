@@ -281,22 +281,21 @@ impl Budgets {
     /// Whether a background render could start now (see [`Budgets::try_background`]): checked
     /// before any work is spent on one.
     pub fn idle_for_background(&self) -> bool {
-        self.queued() == 0 && self.slots.available_permits() >= 2
+        self.queued() == 0
     }
 
-    /// A slot and `bytes` of memory for a background render, now or never: only when no foreground
-    /// render is waiting (queued, fetching or holding its original), the memory is free, and a
-    /// slot stays free beside the one taken. A client's render arriving while a background one
-    /// runs therefore always finds a slot: background work never delays it, and under load it
-    /// does not start at all. (With one slot, nothing runs in the background.)
-    pub fn try_background(&self, bytes: u64) -> Option<(Slot, Reserved)> {
+    /// `bytes` of memory for a background render, now or never: only when no foreground render is
+    /// waiting (queued, fetching or holding its original) and the memory is free. A background
+    /// render takes no slot: it runs on one thread of its own at idle CPU priority
+    /// (`image::idle`), so it uses only CPU time no client's render wants, and a client's render
+    /// never waits for it.
+    pub fn try_background(&self, bytes: u64) -> Option<Reserved> {
         if !self.idle_for_background() {
             return None;
         }
         let units = u32::try_from(bytes.div_ceil(MEMORY_UNIT)).ok()?;
         let reserved = self.memory.clone().try_acquire_many_owned(units).ok()?;
-        let slot = self.slots.clone().try_acquire_owned().ok()?;
-        Some((Slot(Some(slot)), Reserved(Some(reserved))))
+        Some(Reserved(Some(reserved)))
     }
 
     /// Renders running now.
@@ -454,24 +453,24 @@ mod tests {
         assert_eq!(b.memory_reserved(), 0);
     }
 
-    /// The background lane takes a slot only when no foreground render waits and one is free.
+    /// The background lane starts only when no foreground render waits, and within the memory
+    /// budget; it takes no slot.
     #[tokio::test(start_paused = true)]
-    async fn background_renders_only_start_on_an_idle_pool() {
-        let b = Budgets::new(BudgetConfig::with_concurrency(2));
+    async fn background_renders_only_start_when_no_client_waits() {
+        let b = Budgets::new(BudgetConfig {
+            queue_size: 1,
+            ..BudgetConfig::with_concurrency(1)
+        });
         let background = b.try_background(1 << 20).expect("an idle pool");
-        assert_eq!(b.running(), 1);
+        assert_eq!(b.running(), 0, "no slot taken");
+        assert_eq!(b.memory_reserved(), 1 << 20);
         drop(background);
-        // A foreground request waiting in the queue: no background render starts.
+        // A foreground request waiting in the queue (here: the queue full): none starts.
         let waiting = b.admit(Format::Jpeg).expect("admitted");
+        let full = b.admit(Format::Jpeg).expect("admitted");
+        assert!(b.admit(Format::Jpeg).is_err(), "the queue is full");
         assert!(b.try_background(1 << 20).is_none());
-        drop(waiting);
-        // One of the two slots busy: the other stays free for clients.
-        let one = b.slot().await;
-        assert!(b.try_background(1 << 20).is_none());
-        drop(one);
-        // With a single slot, never.
-        let single = Budgets::new(BudgetConfig::with_concurrency(1));
-        assert!(single.try_background(1 << 20).is_none());
+        drop((waiting, full));
         // More memory than is free: none.
         assert!(b.try_background(2 << 30).is_none());
         assert!(b.try_background(1 << 20).is_some());

@@ -11,6 +11,7 @@ pub mod cost;
 pub mod fixtures;
 pub mod geometry;
 mod group;
+mod idle;
 pub mod jpeg;
 pub mod markers;
 pub mod render;
@@ -409,33 +410,62 @@ impl Processor {
         self.shared.load(Ordering::Relaxed)
     }
 
-    /// Renders in the background lane, only if a slot and the memory the render needs are free right
-    /// now and no foreground render is waiting ([`Budgets::try_background`]); `Ok(None)` when not.
-    /// AVIF is never rendered in the background: its encoder is the slowest by far, and its own
-    /// pool belongs to clients. Not counted in [`Processor::total`].
+    /// Renders versions of one original in the background lane, from one decode where they allow
+    /// it ([`shared`]), only if the memory the largest of them needs is free right now and no
+    /// foreground render is waiting ([`Budgets::try_background`]); `Ok(None)` when not. The render
+    /// runs on a thread of its own at idle CPU priority (`idle`), outside the render slots.
+    /// AVIF is never rendered in the background (its result is
+    /// [`ImageError::UnsupportedFormat`]): its encoder is the slowest by far, and its own pool
+    /// belongs to clients. Not counted in [`Processor::total`].
     pub async fn render_background(
         &self,
         original: Bytes,
-        spec: RenderSpec,
-    ) -> Result<Option<Rendered>, ImageError> {
-        if spec.format == Format::Avif || !self.budgets.idle_for_background() {
+        specs: &[RenderSpec],
+    ) -> Result<Option<Vec<Result<Rendered, ImageError>>>, ImageError> {
+        if !self.budgets.idle_for_background() {
             return Ok(None);
         }
         let limits = self.limits;
         let inspection = self.inspect(&original).await?;
-        let cost = cost::estimate(&inspection, &spec, self.max_avif_pixels)?;
-        let Some(held) = self.budgets.try_background(cost.bytes) else {
-            return Ok(None);
-        };
-        let deadline = Deadline::after(self.render_timeout);
-        self.decodes.fetch_add(1, Ordering::Relaxed);
-        tokio::task::spawn_blocking(move || {
-            let _held = held;
-            render::render_within(&original, &spec, &limits, &deadline, &inspection)
-        })
-        .await
-        .map_err(|e| ImageError::Internal(format!("render task: {e}")))?
-        .map(Some)
+        let mut results: Vec<Option<Result<Rendered, ImageError>>> = vec![None; specs.len()];
+        let mut chosen = Vec::new();
+        let mut bytes = 0;
+        for (i, spec) in specs.iter().enumerate() {
+            if spec.format == Format::Avif {
+                results[i] = Some(Err(ImageError::UnsupportedFormat));
+                continue;
+            }
+            match cost::estimate(&inspection, spec, self.max_avif_pixels) {
+                Ok(cost) => {
+                    bytes = bytes.max(cost.bytes);
+                    chosen.push(i);
+                }
+                Err(e) => results[i] = Some(Err(e)),
+            }
+        }
+        if !chosen.is_empty() {
+            let Some(held) = self.budgets.try_background(bytes) else {
+                return Ok(None);
+            };
+            let wanted: Vec<RenderSpec> = chosen.iter().map(|&i| specs[i].clone()).collect();
+            let deadline = Deadline::after(self.render_timeout);
+            let (rendered, decodes) = idle::run(move || {
+                let _held = held;
+                shared::render_shared(&original, &wanted, &limits, &deadline, &inspection)
+            })
+            .await
+            .map_err(|_| ImageError::Internal("background render thread unavailable".into()))?;
+            self.decodes.fetch_add(decodes, Ordering::Relaxed);
+            for (i, result) in chosen.into_iter().zip(rendered) {
+                results[i] = Some(result);
+            }
+        }
+        Ok(Some(
+            results
+                .into_iter()
+                .map(|r| r.unwrap_or(Err(ImageError::Internal("not rendered".into()))))
+                .collect(),
+        ))
     }
 
     /// The header and (for a JPEG) the marker walk, on a blocking thread, without a slot.

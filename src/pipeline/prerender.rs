@@ -1,12 +1,14 @@
 //! The background lane: after a foreground miss has rendered one version of an id, the most popular
 //! other versions of its class ([`crate::popular`]) that are not cached yet are rendered from the
-//! original the server already holds, and kept in memory and the result store like any render. A
+//! original the server already holds, together from one decode where their sizes allow
+//! ([`crate::image::shared`]), and kept in memory and the result store like any render. A
 //! page that asks for the grid thumbnail first then finds the card and the zoom already made.
 //!
 //! The lane never competes with clients: its queue is short ([`LANE_QUEUE`]; a job that does not
-//! fit is dropped), and a job starts only when the memory it needs is free, no foreground render is
-//! waiting, and a render slot stays free for clients beside the one it takes
-//! ([`crate::budget::Budgets::try_background`]); otherwise it is dropped, not delayed. Its renders are counted as `prerender.*`, never as `image_request`, and
+//! fit is dropped), a job starts only when no foreground render is waiting and the memory it needs
+//! is free ([`crate::budget::Budgets::try_background`]), otherwise it is dropped, not delayed; and
+//! it renders on one thread of its own at idle CPU priority, outside the render slots, so it only
+//! uses CPU time no client's render wants. Its renders are counted as `prerender.*`, never as `image_request`, and
 //! never in the popularity table.
 
 use std::sync::{Arc, Mutex, Weak};
@@ -23,9 +25,9 @@ use crate::request::{Format, ImageRequest};
 /// Jobs waiting in the lane; more are dropped.
 pub(super) const LANE_QUEUE: usize = 64;
 
-/// One version to render in the background, with its original.
+/// The versions of one original to render in the background, with the original.
 pub(super) struct Job {
-    req: ImageRequest,
+    reqs: Vec<ImageRequest>,
     original: Bytes,
 }
 
@@ -64,6 +66,12 @@ fn count(outcome: &str) {
     m::incr_with(m::PRERENDER, outcome);
 }
 
+fn count_n(outcome: &str, n: usize) {
+    for _ in 0..n {
+        count(outcome);
+    }
+}
+
 impl Inner {
     /// Counts a version of `req`'s class as asked for (a client got it).
     pub(super) fn record(&self, req: &ImageRequest, format: Format) {
@@ -84,10 +92,9 @@ impl Inner {
         let candidates =
             self.popularity
                 .top(&class, crate::popular::PER_CLASS, &this, Instant::now());
-        let mut queued = 0;
-        let mut original = None;
+        let mut others = Vec::with_capacity(wanted);
         for ranked in candidates {
-            if queued == wanted {
+            if others.len() == wanted {
                 break;
             }
             let path = format!("/{}/{}/{}/{}", req.model, req.kind, req.id, ranked.version);
@@ -95,62 +102,81 @@ impl Inner {
                 // A version the rules no longer allow (the configuration changed): never rendered.
                 continue;
             };
-            if self.memory.contains(&other.cache_key(other.format)) {
+            if other.format == Format::Avif || self.memory.contains(&other.cache_key(other.format))
+            {
                 continue;
             }
-            if original.is_none() {
-                original = self.originals.get(&req.original_id()).await;
-            }
-            let Some(bytes) = original.clone() else {
-                // Already evicted: fetching it again is foreground work.
-                count("skipped");
-                return;
-            };
-            self.lane.start(Arc::downgrade(self));
-            match self.lane.tx.try_send(Job {
-                req: other,
-                original: bytes,
-            }) {
-                Ok(()) => queued += 1,
-                Err(_) => count("dropped"),
-            }
+            others.push(other);
+        }
+        if others.is_empty() {
+            return;
+        }
+        let Some(original) = self.originals.get(&req.original_id()).await else {
+            // Already evicted: fetching it again is foreground work.
+            count_n("skipped", others.len());
+            return;
+        };
+        self.lane.start(Arc::downgrade(self));
+        let n = others.len();
+        if self
+            .lane
+            .tx
+            .try_send(Job {
+                reqs: others,
+                original,
+            })
+            .is_err()
+        {
+            count_n("dropped", n);
         }
     }
 
-    /// Runs one job: skipped when it has been cached meanwhile (memory, or the result store, which
-    /// another instance may have filled), dropped when the pool is not idle.
+    /// Runs one job: versions cached meanwhile (in memory, or in the result store, which another
+    /// instance may have filled) are skipped; the rest are rendered together from one decode, or
+    /// dropped when the pool is not idle.
     async fn prerender(&self, job: Job) {
-        let key = job.req.cache_key(job.req.format);
-        if self.memory.contains(&key) {
-            count("skipped");
+        let mut todo = Vec::with_capacity(job.reqs.len());
+        for req in job.reqs {
+            let key = req.cache_key(req.format);
+            let stored = match &self.remote {
+                // A HEAD, not a read: the next client request reads it (and counts the hit).
+                Some(remote) => matches!(remote.exists(&key).await, Ok(true)),
+                None => false,
+            };
+            if self.memory.contains(&key) || stored {
+                count("skipped");
+            } else {
+                todo.push((req, key));
+            }
+        }
+        if todo.is_empty() {
             return;
         }
-        if let Some(remote) = &self.remote {
-            // A HEAD, not a read: the next client request reads it (and counts the hit).
-            if let Ok(true) = remote.exists(&key).await {
-                count("skipped");
-                return;
-            }
-        }
-        let spec = self.spec(&job.req, job.req.format);
-        match self.processor.render_background(job.original, spec).await {
-            Ok(Some(rendered)) if !rendered.bytes.is_empty() => {
-                let variant = Arc::new(Variant::new(
-                    rendered.bytes,
-                    rendered.format,
-                    SystemTime::now(),
-                    Tier::Miss,
-                ));
-                self.memory.insert(key.clone(), variant.clone()).await;
-                if let Some(remote) = &self.remote {
-                    remote.enqueue(key, variant);
-                }
-                count("rendered");
-            }
-            Ok(_) => count("dropped"),
+        let specs: Vec<_> = todo.iter().map(|(r, _)| self.spec(r, r.format)).collect();
+        let rendered = match self.processor.render_background(job.original, &specs).await {
+            Ok(Some(rendered)) => rendered,
+            Ok(None) => return count_n("dropped", todo.len()),
             Err(e) => {
-                tracing::debug!(error = %e, key = key.as_str(), "background render failed");
-                count("dropped");
+                tracing::debug!(error = %e, "background render failed");
+                return count_n("dropped", todo.len());
+            }
+        };
+        for ((_, key), result) in todo.into_iter().zip(rendered) {
+            match result {
+                Ok(r) if !r.bytes.is_empty() => {
+                    let variant = Arc::new(Variant::new(
+                        r.bytes,
+                        r.format,
+                        SystemTime::now(),
+                        Tier::Miss,
+                    ));
+                    self.memory.insert(key.clone(), variant.clone()).await;
+                    if let Some(remote) = &self.remote {
+                        remote.enqueue(key, variant);
+                    }
+                    count("rendered");
+                }
+                _ => count("dropped"),
             }
         }
     }
