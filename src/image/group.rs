@@ -2,17 +2,20 @@
 //! serves them all ([`super::shared`]).
 //!
 //! The first render of an original to wait for a slot opens a group and leads it; renders of other
-//! versions of the same original that arrive before the leader gets its slot join the group and
-//! wait for their result instead of a slot of their own. When the leader gets its slot it closes the
-//! group (later arrivals open a new one) and renders every member's version with its own. A leader
-//! that goes away before then (its client left) drops the group, and its members render alone.
+//! versions of the same original that arrive while the leader waits for its slot or decodes join
+//! the group and wait for their result instead of a slot of their own. When the leader gets its
+//! slot it takes the members so far ([`Lease::take`]) and renders them with its own version from
+//! one decode; members that arrive meanwhile are taken after ([`Lease::take_more_or_close`]) and
+//! served from the same decode when it is large enough. The group closes when the leader finds no
+//! one new, or goes away (its client left, or it rendered alone): members still waiting then render
+//! alone.
 //!
 //! An original is known by its buffer: every render of one download is handed the same bytes by the
 //! originals cache, and the leader holds them, so the address cannot be reused while its group is
 //! open.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use tokio::sync::oneshot;
@@ -43,23 +46,23 @@ impl std::fmt::Debug for Groups {
 }
 
 /// What [`Groups::join`] made of a render.
-pub(super) enum Role<'a> {
-    /// It leads a new group: it takes a slot and renders the members it finds at [`Lease::close`].
-    Leader(Lease<'a>),
+pub(super) enum Role {
+    /// It leads a new group: it takes a slot and renders the members it finds ([`Lease::take`]).
+    Leader(Lease),
     /// It joined a group: its result will come from the leader (an error if the leader went away).
     Member(oneshot::Receiver<Result<Rendered, ImageError>>),
 }
 
 /// A leader's hold on its open group; dropping it unclosed drops the group and its members' senders.
-pub(super) struct Lease<'a> {
-    groups: &'a Groups,
+pub(super) struct Lease {
+    groups: Arc<Groups>,
     id: OriginalId,
     open: bool,
 }
 
 impl Groups {
     /// Joins the open group of `original`, or opens one.
-    pub(super) fn join(&self, original: &Bytes, spec: &RenderSpec) -> Role<'_> {
+    pub(super) fn join(self: &Arc<Self>, original: &Bytes, spec: &RenderSpec) -> Role {
         let id = (original.as_ptr() as usize, original.len());
         let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(members) = open.get_mut(&id) {
@@ -72,7 +75,7 @@ impl Groups {
         }
         open.insert(id, Vec::new());
         Role::Leader(Lease {
-            groups: self,
+            groups: self.clone(),
             id,
             open: true,
         })
@@ -91,15 +94,31 @@ impl Groups {
     }
 }
 
-impl Lease<'_> {
-    /// Closes the group and hands over its members.
-    pub(super) fn close(mut self) -> Vec<Member> {
-        self.open = false;
-        self.groups.remove(self.id)
+impl Lease {
+    /// The members so far; the group stays open to later arrivals.
+    pub(super) fn take(&self) -> Vec<Member> {
+        let mut open = self.groups.open.lock().unwrap_or_else(|e| e.into_inner());
+        open.get_mut(&self.id)
+            .map(std::mem::take)
+            .unwrap_or_default()
+    }
+
+    /// The members that arrived since the last take, or, when none did, closes the group (in one
+    /// step, so no arrival is lost between the two).
+    pub(super) fn take_more_or_close(&mut self) -> Vec<Member> {
+        let mut open = self.groups.open.lock().unwrap_or_else(|e| e.into_inner());
+        match open.get_mut(&self.id) {
+            Some(members) if !members.is_empty() => std::mem::take(members),
+            _ => {
+                open.remove(&self.id);
+                self.open = false;
+                Vec::new()
+            }
+        }
     }
 }
 
-impl Drop for Lease<'_> {
+impl Drop for Lease {
     fn drop(&mut self) {
         if self.open {
             // The members' receivers see their senders dropped and render alone.
@@ -116,10 +135,11 @@ mod tests {
 
     #[test]
     fn the_first_leads_the_others_join_until_it_closes() {
-        let groups = Groups::default();
+        let groups = Arc::new(Groups::default());
         let original = Bytes::from_static(b"an original");
         let other = Bytes::from(b"an original".to_vec());
-        let Role::Leader(lease) = groups.join(&original, &spec(Version::Width(10), Format::Jpeg))
+        let Role::Leader(mut lease) =
+            groups.join(&original, &spec(Version::Width(10), Format::Jpeg))
         else {
             panic!("the first render leads");
         };
@@ -130,9 +150,17 @@ mod tests {
             groups.join(&other, &spec(Version::Width(30), Format::Jpeg)),
             Role::Leader(_)
         ));
-        let members = lease.close();
+        let members = lease.take();
         assert_eq!(members.len(), 1);
         assert_eq!(members[0].spec.version, Version::Width(20));
+        // Still open while the leader works: a late arrival joins, and is taken next.
+        assert!(matches!(
+            groups.join(&original, &spec(Version::Width(25), Format::Jpeg)),
+            Role::Member(_)
+        ));
+        let late = lease.take_more_or_close();
+        assert_eq!(late.len(), 1);
+        assert!(lease.take_more_or_close().is_empty(), "no one new: closed");
         // Closed: the next render of the original leads a new group.
         assert!(matches!(
             groups.join(&original, &spec(Version::Width(40), Format::Jpeg)),
@@ -142,7 +170,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_leader_that_goes_away_releases_its_members() {
-        let groups = Groups::default();
+        let groups = Arc::new(Groups::default());
         let original = Bytes::from_static(b"an original");
         let lease = groups.join(&original, &spec(Version::Width(10), Format::Jpeg));
         let Role::Member(rx) = groups.join(&original, &spec(Version::Width(20), Format::Jpeg))

@@ -182,7 +182,7 @@ pub struct Processor {
     total: AtomicU64,
     abandoned: AtomicU64,
     /// Renders of one original waiting together, for one decode.
-    groups: group::Groups,
+    groups: Arc<group::Groups>,
     /// Decode passes (a group of versions sharing one decode is one).
     decodes: AtomicU64,
     /// Versions rendered from another version's decode.
@@ -205,7 +205,7 @@ impl Processor {
             max_avif_pixels,
             total: AtomicU64::new(0),
             abandoned: AtomicU64::new(0),
-            groups: group::Groups::default(),
+            groups: Arc::default(),
             decodes: AtomicU64::new(0),
             shared: AtomicU64::new(0),
         }
@@ -271,7 +271,7 @@ impl Processor {
         let reserved = budgets.reserve(cost.bytes).await?;
         let slot = budgets.slot().await;
         ticket.unstage();
-        let members = match lease.map(group::Lease::close) {
+        let members = match lease.as_ref().map(group::Lease::take) {
             Some(members) if !members.is_empty() => {
                 self.admit_members(members, &inspection, cost.bytes).await
             }
@@ -283,31 +283,40 @@ impl Processor {
             return Err(ImageError::Abandoned);
         }
         self.total.fetch_add(1, Ordering::Relaxed);
-        self.shared
-            .fetch_add(members.len() as u64, Ordering::Relaxed);
         let deadline = Deadline::after(self.render_timeout);
         let handle = tokio::task::spawn_blocking(move || {
             let _held = (slot, reserved, extra);
-            if members.is_empty() {
+            let Some(mut lease) = lease else {
                 let result =
                     render::render_within(&original, &spec, &limits, &deadline, &inspection);
-                return (result, 1);
-            }
+                return (result, 1, 0);
+            };
             let (txs, mut specs): (Vec<_>, Vec<_>) =
                 members.into_iter().map(|m| (m.tx, m.spec)).unzip();
             specs.insert(0, spec);
-            let (mut results, decodes) =
-                shared::render_shared(&original, &specs, &limits, &deadline, &inspection);
-            let own = results.remove(0);
-            for (tx, result) in txs.into_iter().zip(results) {
-                // A member whose client went away no longer listens.
-                let _ = tx.send(result);
-            }
-            (own, decodes)
+            let shared = txs.len() as u64;
+            let mut late = || lease.take_more_or_close();
+            let group = shared::Delivery {
+                members: txs,
+                late: &mut late,
+            };
+            let mut done = shared::render_shared(
+                &original,
+                &specs,
+                &limits,
+                &deadline,
+                &inspection,
+                Some(group),
+            );
+            // Whoever joins from here on renders alone.
+            drop(lease);
+            let own = done.results.remove(0);
+            (own, done.decodes, shared + done.late)
         });
-        let (result, decodes) = handle
+        let (result, decodes, shared) = handle
             .await
             .map_err(|e| ImageError::Internal(format!("render task: {e}")))?;
+        self.shared.fetch_add(shared, Ordering::Relaxed);
         self.decodes.fetch_add(decodes, Ordering::Relaxed);
         result
     }
@@ -384,7 +393,15 @@ impl Processor {
             let deadline = Deadline::after(self.render_timeout);
             let (rendered, decodes) = tokio::task::spawn_blocking(move || {
                 let _held = (slot, reserved);
-                shared::render_shared(&original, &chosen, &limits, &deadline, &inspection)
+                let done = shared::render_shared(
+                    &original,
+                    &chosen,
+                    &limits,
+                    &deadline,
+                    &inspection,
+                    None,
+                );
+                (done.results, done.decodes)
             })
             .await
             .map_err(|e| ImageError::Internal(format!("render task: {e}")))?;
@@ -451,7 +468,15 @@ impl Processor {
             let deadline = Deadline::after(self.render_timeout);
             let (rendered, decodes) = idle::run(move || {
                 let _held = held;
-                shared::render_shared(&original, &wanted, &limits, &deadline, &inspection)
+                let done = shared::render_shared(
+                    &original,
+                    &wanted,
+                    &limits,
+                    &deadline,
+                    &inspection,
+                    None,
+                );
+                (done.results, done.decodes)
             })
             .await
             .map_err(|_| ImageError::Internal("background render thread unavailable".into()))?;

@@ -25,6 +25,7 @@ use rs_vips::VipsImage;
 
 use super::cost::Inspection;
 use super::geometry::{self, Plan, Size};
+use super::group::Member;
 use super::jpeg::{self, JpegError};
 use super::render::{self, finish, resample_space, RESAMPLE_MAX_PIXELS};
 use super::resample::{self, Pixels, Window};
@@ -34,27 +35,74 @@ use super::vips::{
 };
 use super::{Deadline, DecodeLimits, Gravity, ImageError, RenderSpec, Rendered};
 use crate::request::Format;
+use tokio::sync::oneshot;
+
+/// A group leader's side of [`render_shared`]: where the members' results go, and the versions
+/// that join while the decode is in use.
+pub(super) struct Delivery<'a> {
+    /// One sender per spec after the first (the leader's own), in order.
+    pub(super) members: Vec<oneshot::Sender<Result<Rendered, ImageError>>>,
+    /// Called after each batch: the versions that joined since (empty: none, and the group is now
+    /// closed). Each is served from the decode when it is large enough for it; otherwise it is
+    /// dropped, and its requester renders alone.
+    pub(super) late: &'a mut dyn FnMut() -> Vec<Member>,
+}
+
+impl Delivery<'_> {
+    /// Sends the members' results (every result but the first, which is kept) as soon as they are
+    /// made, so no member waits for the late arrivals.
+    fn send(&mut self, results: &mut Vec<Result<Rendered, ImageError>>) {
+        for (tx, result) in self.members.drain(..).zip(results.drain(1..)) {
+            // A member whose client went away no longer listens.
+            let _ = tx.send(result);
+        }
+    }
+}
+
+/// What [`render_shared`] did.
+pub struct Shared {
+    /// The results, in the order of the specs (with a [`Delivery`], only the leader's own: the
+    /// members' went to them).
+    pub results: Vec<Result<Rendered, ImageError>>,
+    /// Decode passes made.
+    pub decodes: u64,
+    /// Late versions served from the decode.
+    pub late: u64,
+}
 
 /// Renders every spec from `original`, with one decode when the group can share it (see the module
-/// doc), else each on its own. The results are in the order of `specs`. Returns how many decodes
-/// were made with them.
-pub fn render_shared(
+/// doc), else each on its own. With a [`Delivery`] (a group leader) the shared decode is used even
+/// for one spec, so versions arriving meanwhile can be served from it.
+pub(super) fn render_shared(
     original: &[u8],
     specs: &[RenderSpec],
     limits: &DecodeLimits,
     deadline: &Deadline,
     inspected: &Inspection,
-) -> (Vec<Result<Rendered, ImageError>>, u64) {
-    if specs.len() > 1 && shareable(specs, inspected) {
-        if let Some(results) = shared(original, specs, limits, deadline) {
-            return (results, 1);
+    mut group: Option<Delivery<'_>>,
+) -> Shared {
+    let alone = specs.len() == 1 && group.is_none();
+    if !alone && shareable(specs, inspected) {
+        if let Some(mut done) = shared(original, specs, limits, deadline, group.as_mut()) {
+            if let Some(group) = group.as_mut() {
+                // Failed before the decode: the members' answers are still due.
+                group.send(&mut done.results);
+            }
+            return done;
         }
     }
-    let results: Vec<_> = specs
+    let mut results: Vec<_> = specs
         .iter()
         .map(|spec| render::render_within(original, spec, limits, deadline, inspected))
         .collect();
-    (results, specs.len() as u64)
+    if let Some(group) = group.as_mut() {
+        group.send(&mut results);
+    }
+    Shared {
+        decodes: specs.len() as u64,
+        results,
+        late: 0,
+    }
 }
 
 /// Whether the group is one [`shared`] may take (the rest is checked once the header is open).
@@ -75,8 +123,15 @@ fn shared(
     specs: &[RenderSpec],
     limits: &DecodeLimits,
     deadline: &Deadline,
-) -> Option<Vec<Result<Rendered, ImageError>>> {
-    let all = |e: ImageError| Some(vec![Err(e); specs.len()]);
+    group: Option<&mut Delivery<'_>>,
+) -> Option<Shared> {
+    let all = |e: ImageError| {
+        Some(Shared {
+            results: vec![Err(e); specs.len()],
+            decodes: 0,
+            late: 0,
+        })
+    };
     if let Err(e) = ensure_init() {
         return all(e);
     }
@@ -144,17 +199,49 @@ fn shared(
         bands,
         alpha: false,
     };
-    Some(
-        specs
-            .iter()
-            .zip(plans)
-            .map(|(spec, plan)| {
-                let plan = plan?;
-                let img = version_of(&pixels, &decoded, space, &plan)?;
-                finish(img, plan.output, spec, true, deadline)
-            })
-            .collect(),
-    )
+    let mut results = specs
+        .iter()
+        .zip(plans)
+        .map(|(spec, plan)| {
+            let plan = plan?;
+            let img = version_of(&pixels, &decoded, space, &plan)?;
+            finish(img, plan.output, spec, true, deadline)
+        })
+        .collect();
+    let mut served = 0;
+    if let Some(group) = group {
+        group.send(&mut results);
+        loop {
+            let members = (group.late)();
+            if members.is_empty() {
+                break;
+            }
+            for m in members {
+                let plan = geometry::plan(&m.spec.version, stored, 1, m.spec.enlarge);
+                // A version this decode is too small for (its own render would shrink less), or
+                // one its own render would refuse: its requester renders alone.
+                let fits = plan.shrink >= shrink
+                    && m.spec.gravity == Gravity::Centre
+                    && m.spec.format != Format::Avif
+                    && check_limits(plan.output, 1, limits).is_ok()
+                    && check_limits(plan.resized, 1, limits).is_ok()
+                    && plan.output.width.max(plan.output.height)
+                        <= render::encoder_max_side(m.spec.format);
+                if !fits {
+                    continue;
+                }
+                let result = version_of(&pixels, &decoded, space, &plan)
+                    .and_then(|img| finish(img, plan.output, &m.spec, true, deadline));
+                served += 1;
+                let _ = m.tx.send(result);
+            }
+        }
+    }
+    Some(Shared {
+        results,
+        decodes: 1,
+        late: served,
+    })
 }
 
 /// One version's pixels from the shared decode: resampled to `plan.resized` with the centre crop
@@ -202,13 +289,20 @@ mod tests {
 
     fn together(original: &[u8], specs: &[RenderSpec]) -> (Vec<Rendered>, u64) {
         let inspected = inspect(original, &limits()).expect("inspect");
-        let (results, decodes) =
-            render_shared(original, specs, &limits(), &Deadline::none(), &inspected);
-        let rendered = results
+        let shared = render_shared(
+            original,
+            specs,
+            &limits(),
+            &Deadline::none(),
+            &inspected,
+            None,
+        );
+        let rendered = shared
+            .results
             .into_iter()
             .map(|r| r.expect("shared render"))
             .collect();
-        (rendered, decodes)
+        (rendered, shared.decodes)
     }
 
     fn jpeg_spec(version: Version) -> RenderSpec {
@@ -304,6 +398,53 @@ mod tests {
         for i in [4, 5] {
             assert!(shared[i].bytes == solo(&photo, &specs[i]).bytes, "{i}");
         }
+    }
+
+    /// Versions joining while the decode is in use are served from it when it is large enough (the
+    /// same bytes as alone when their shrink matches), and let go to render alone when it is not.
+    #[test]
+    fn late_arrivals_are_served_from_the_decode_when_it_is_large_enough() {
+        vips::init(false).expect("libvips");
+        let photo = fixtures::jpeg(1600, 1200, 85);
+        let inspected = inspect(&photo, &limits()).expect("inspect");
+        let leader = jpeg_spec(Version::Width(300)); // shrink 4 (400×300 decoded)
+        let fits = jpeg_spec(Version::Width(350)); // shrink 4 too: served, identical
+        let too_big = jpeg_spec(Version::Width(1000)); // shrink 1: this decode is too small
+        let (fits_tx, mut fits_rx) = oneshot::channel();
+        let (big_tx, mut big_rx) = oneshot::channel();
+        let mut arrivals = vec![
+            vec![Member {
+                spec: too_big,
+                tx: big_tx,
+            }],
+            vec![Member {
+                spec: fits.clone(),
+                tx: fits_tx,
+            }],
+        ];
+        let mut late = || arrivals.pop().unwrap_or_default();
+        let done = render_shared(
+            &photo,
+            std::slice::from_ref(&leader),
+            &limits(),
+            &Deadline::none(),
+            &inspected,
+            Some(Delivery {
+                members: Vec::new(),
+                late: &mut late,
+            }),
+        );
+        assert_eq!((done.decodes, done.late), (1, 1));
+        let own = done
+            .results
+            .into_iter()
+            .next()
+            .expect("own")
+            .expect("rendered");
+        assert!(own.bytes == solo(&photo, &leader).bytes);
+        let served = fits_rx.try_recv().expect("served").expect("rendered");
+        assert!(served.bytes == solo(&photo, &fits).bytes);
+        assert!(big_rx.try_recv().is_err(), "let go: it renders alone");
     }
 
     /// What cannot share is rendered version by version, exactly as alone: a sideways original,
