@@ -172,6 +172,16 @@ impl From<BudgetError> for ImageError {
     }
 }
 
+/// A batch's versions sorted by [`Processor::batch`].
+struct Batch {
+    /// Per version: its refusal, or `None` while it is still to render.
+    results: Vec<Option<Result<Rendered, ImageError>>>,
+    /// The indexes of the versions to render.
+    wanted: Vec<usize>,
+    /// The largest memory estimate among them.
+    bytes: u64,
+}
+
 /// The render pool: renders on tokio's blocking threads, within the [`Budgets`].
 #[derive(Debug)]
 pub struct Processor {
@@ -366,22 +376,11 @@ impl Processor {
     ) -> Result<Vec<Result<Rendered, ImageError>>, ImageError> {
         let limits = self.limits;
         let inspection = self.inspect(&original).await?;
-        let mut results: Vec<Option<Result<Rendered, ImageError>>> = vec![None; specs.len()];
-        let mut wanted = Vec::new();
-        let mut bytes = 0;
-        for (i, spec) in specs.iter().enumerate() {
-            if spec.format == Format::Avif {
-                results[i] = Some(Err(ImageError::UnsupportedFormat));
-                continue;
-            }
-            match cost::estimate(&inspection, spec, self.max_avif_pixels) {
-                Ok(cost) => {
-                    bytes = bytes.max(cost.bytes);
-                    wanted.push(i);
-                }
-                Err(e) => results[i] = Some(Err(e)),
-            }
-        }
+        let Batch {
+            mut results,
+            wanted,
+            bytes,
+        } = self.batch(&inspection, specs);
         if !wanted.is_empty() {
             let reserved = self.budgets.reserve(bytes).await?;
             let slot = self.budgets.slot().await;
@@ -444,22 +443,11 @@ impl Processor {
         }
         let limits = self.limits;
         let inspection = self.inspect(&original).await?;
-        let mut results: Vec<Option<Result<Rendered, ImageError>>> = vec![None; specs.len()];
-        let mut chosen = Vec::new();
-        let mut bytes = 0;
-        for (i, spec) in specs.iter().enumerate() {
-            if spec.format == Format::Avif {
-                results[i] = Some(Err(ImageError::UnsupportedFormat));
-                continue;
-            }
-            match cost::estimate(&inspection, spec, self.max_avif_pixels) {
-                Ok(cost) => {
-                    bytes = bytes.max(cost.bytes);
-                    chosen.push(i);
-                }
-                Err(e) => results[i] = Some(Err(e)),
-            }
-        }
+        let Batch {
+            mut results,
+            wanted: chosen,
+            bytes,
+        } = self.batch(&inspection, specs);
         if !chosen.is_empty() {
             let Some(held) = self.budgets.try_background(bytes) else {
                 return Ok(None);
@@ -491,6 +479,31 @@ impl Processor {
                 .map(|r| r.unwrap_or(Err(ImageError::Internal("not rendered".into()))))
                 .collect(),
         ))
+    }
+
+    /// Sorts the versions of a batch (`warm`, the background lane): AVIF and versions over a limit
+    /// get their refusal now, the rest are `wanted`, and `bytes` is the largest of their memory
+    /// estimates (they are made one after another from one decode).
+    fn batch(&self, inspection: &cost::Inspection, specs: &[RenderSpec]) -> Batch {
+        let mut batch = Batch {
+            results: vec![None; specs.len()],
+            wanted: Vec::new(),
+            bytes: 0,
+        };
+        for (i, spec) in specs.iter().enumerate() {
+            if spec.format == Format::Avif {
+                batch.results[i] = Some(Err(ImageError::UnsupportedFormat));
+                continue;
+            }
+            match cost::estimate(inspection, spec, self.max_avif_pixels) {
+                Ok(cost) => {
+                    batch.bytes = batch.bytes.max(cost.bytes);
+                    batch.wanted.push(i);
+                }
+                Err(e) => batch.results[i] = Some(Err(e)),
+            }
+        }
+        batch
     }
 
     /// The header and (for a JPEG) the marker walk, on a blocking thread, without a slot.

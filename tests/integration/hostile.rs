@@ -22,23 +22,7 @@ use crate::support::{self, Origin, Reply};
 /// Runs [`bad_inputs_isolated`] alone in a fresh process and requires it to pass.
 #[test]
 fn bad_inputs() {
-    let exe = std::env::current_exe().expect("test binary");
-    let out = std::process::Command::new(exe)
-        .args([
-            "hostile::bad_inputs_isolated",
-            "--exact",
-            "--ignored",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .output()
-        .expect("re-run the test binary");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success() && stdout.contains("1 passed"),
-        "isolated run failed:\n{stdout}\n{stderr}"
-    );
+    let stdout = support::run_isolated("hostile::bad_inputs_isolated");
     // The table, for the report and for anyone reading the test log.
     for line in stdout.lines().filter(|l| l.starts_with("| ")) {
         println!("{line}");

@@ -77,23 +77,7 @@ async fn popular_versions_are_prerendered_after_a_miss() {
 /// ignored test below, run by this one).
 #[test]
 fn prerenders_are_counted_apart_from_image_requests() {
-    let exe = std::env::current_exe().expect("test binary");
-    let out = std::process::Command::new(exe)
-        .args([
-            "prerender::counted_apart_isolated",
-            "--exact",
-            "--ignored",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .output()
-        .expect("re-run the test binary");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success() && stdout.contains("1 passed"),
-        "isolated run failed:\n{stdout}\n{stderr}"
-    );
+    support::run_isolated("prerender::counted_apart_isolated");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -405,3 +405,27 @@ pub fn rss_kb() -> u64 {
         })
         .unwrap_or(0)
 }
+
+/// Runs the ignored test `name` (`module::test`) in a process of its own and returns its output:
+/// for tests that read process-wide counters, which other tests running in parallel would move.
+/// Fails unless it passed.
+pub fn run_isolated(name: &str) -> String {
+    let exe = std::env::current_exe().expect("test binary");
+    let out = std::process::Command::new(exe)
+        .args([
+            name,
+            "--exact",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .output()
+        .expect("re-run the test binary");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && stdout.contains("1 passed"),
+        "isolated run of {name} failed:\n{stdout}\n{stderr}"
+    );
+    stdout
+}
