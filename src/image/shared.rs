@@ -125,10 +125,11 @@ fn shared(
     deadline: &Deadline,
     group: Option<&mut Delivery<'_>>,
 ) -> Option<Shared> {
+    // A failed pass counts as one, as a failed render of a single version does.
     let all = |e: ImageError| {
         Some(Shared {
             results: vec![Err(e); specs.len()],
-            decodes: 0,
+            decodes: 1,
             late: 0,
         })
     };
