@@ -72,7 +72,7 @@ pub struct Shared {
 
 /// Renders every spec from `original`, with one decode when the group can share it (see the module
 /// doc), else each on its own. With a [`Delivery`] (a group leader) the shared decode is used even
-/// for one spec, so versions arriving meanwhile can be served from it.
+/// for one uncropped spec, so versions arriving meanwhile can be served from it.
 pub(super) fn render_shared(
     original: &[u8],
     specs: &[RenderSpec],
@@ -81,7 +81,20 @@ pub(super) fn render_shared(
     inspected: &Inspection,
     mut group: Option<Delivery<'_>>,
 ) -> Shared {
-    let alone = specs.len() == 1 && group.is_none();
+    // One version alone renders its own way unless a leader's full-width decode costs it nothing:
+    // with a centre crop, its own render decodes only the columns the crop keeps.
+    let alone = specs.len() == 1
+        && (group.is_none()
+            || specs.iter().any(|s| {
+                geometry::plan(
+                    &s.version,
+                    inspected.stored,
+                    inspected.orientation,
+                    s.enlarge,
+                )
+                .crop
+                .is_some()
+            }));
     if !alone && shareable(specs, inspected) {
         if let Some(mut done) = shared(original, specs, limits, deadline, group.as_mut()) {
             if let Some(group) = group.as_mut() {
