@@ -225,11 +225,13 @@ impl Processor {
     /// refusing at once when the queue is full. Dropping the future releases its place.
     pub async fn render(&self, original: Bytes, spec: RenderSpec) -> Result<Rendered, ImageError> {
         let ticket = self.budgets.admit(spec.format)?;
-        self.render_admitted(ticket, original, spec, &|| true).await
+        self.render_admitted(ticket, original, spec, &|| true, false)
+            .await
     }
 
     /// Renders with a `ticket` taken earlier from [`Budgets::admit`] (and staged, when the original
-    /// was fetched under it).
+    /// was fetched under it). `company`: other versions of this original are being asked for right
+    /// now, so a group it leads is likely to gain members while it decodes.
     ///
     /// In order, each step before the next may make it wait or refuse:
     /// 1. **inspect** the header and a JPEG's markers on a blocking thread, without a slot: a format
@@ -243,6 +245,10 @@ impl Processor {
     ///    (`wanted` is false: every requester went away) it is dropped unstarted;
     /// 6. **render** on a blocking thread, stopped at `render_timeout` ([`ImageError::Timeout`]).
     ///
+    /// Before all of it, a render of an original whose group is open joins it (`group`) and waits
+    /// for its result from the group's leader instead; a leader renders its members' versions with
+    /// its own, from one decode ([`shared`]).
+    ///
     /// The slot and the reservation move into the blocking task: if the requester goes away after
     /// the render started it still runs (to its deadline at most) and only then frees them, so the
     /// pool and memory bounds stay true.
@@ -252,6 +258,7 @@ impl Processor {
         original: Bytes,
         spec: RenderSpec,
         wanted: &(dyn Fn() -> bool + Sync),
+        company: bool,
     ) -> Result<Rendered, ImageError> {
         let limits = self.limits;
         // Another version of this original already on its way to a slot: share its decode. Joined
@@ -309,6 +316,7 @@ impl Processor {
             let group = shared::Delivery {
                 members: txs,
                 late: &mut late,
+                company,
             };
             let mut done = shared::render_shared(
                 &original,
@@ -593,7 +601,10 @@ mod tests {
         let original = Bytes::from(crate::image::fixtures::jpeg(64, 48, 85));
         let render = {
             let p = p.clone();
-            tokio::spawn(async move { p.render_admitted(a, original, spec(), &|| true).await })
+            tokio::spawn(async move {
+                p.render_admitted(a, original, spec(), &|| true, false)
+                    .await
+            })
         };
         // Queued behind the busy slot, the render still holds its place.
         assert!(
@@ -628,7 +639,10 @@ mod tests {
                 format: Format::Avif,
                 ..spec()
             };
-            tokio::spawn(async move { p.render_admitted(only, original, avif, &|| true).await })
+            tokio::spawn(async move {
+                p.render_admitted(only, original, avif, &|| true, false)
+                    .await
+            })
         };
         // Completes only if the AVIF render, stuck behind `avif_busy`, let its place go.
         let place = tokio::time::timeout(Duration::from_secs(10), staged(&p, Format::Jpeg))

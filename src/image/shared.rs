@@ -46,6 +46,9 @@ pub(super) struct Delivery<'a> {
     /// closed). Each is served from the decode when it is large enough for it; otherwise it is
     /// dropped, and its requester renders alone.
     pub(super) late: &'a mut dyn FnMut() -> Vec<Member>,
+    /// Whether other versions of this original are being asked for right now, so latecomers are
+    /// likely: a lone cropped version then takes the full-width decode they can share.
+    pub(super) company: bool,
 }
 
 impl Delivery<'_> {
@@ -72,7 +75,8 @@ pub struct Shared {
 
 /// Renders every spec from `original`, with one decode when the group can share it (see the module
 /// doc), else each on its own. With a [`Delivery`] (a group leader) the shared decode is used even
-/// for one uncropped spec, so versions arriving meanwhile can be served from it.
+/// for one spec (an uncropped one, or any when `company` is expected), so versions arriving
+/// meanwhile can be served from it.
 pub(super) fn render_shared(
     original: &[u8],
     specs: &[RenderSpec],
@@ -81,20 +85,26 @@ pub(super) fn render_shared(
     inspected: &Inspection,
     mut group: Option<Delivery<'_>>,
 ) -> Shared {
-    // One version alone renders its own way unless a leader's full-width decode costs it nothing:
-    // with a centre crop, its own render decodes only the columns the crop keeps.
+    // One version alone renders its own way unless it leads a group that latecomers may join and
+    // the full-width decode costs it nothing or company is expected: with a centre crop, its own
+    // render decodes only the columns the crop keeps.
+    let cropped = || {
+        specs.iter().any(|s| {
+            geometry::plan(
+                &s.version,
+                inspected.stored,
+                inspected.orientation,
+                s.enlarge,
+            )
+            .crop
+            .is_some()
+        })
+    };
     let alone = specs.len() == 1
-        && (group.is_none()
-            || specs.iter().any(|s| {
-                geometry::plan(
-                    &s.version,
-                    inspected.stored,
-                    inspected.orientation,
-                    s.enlarge,
-                )
-                .crop
-                .is_some()
-            }));
+        && match &group {
+            None => true,
+            Some(g) => !g.company && cropped(),
+        };
     if !alone && shareable(specs, inspected) {
         if let Some(mut done) = shared(original, specs, limits, deadline, group.as_mut()) {
             if let Some(group) = group.as_mut() {
@@ -446,6 +456,7 @@ mod tests {
             Some(Delivery {
                 members: Vec::new(),
                 late: &mut late,
+                company: false,
             }),
         );
         assert_eq!((done.decodes, done.late), (1, 1));

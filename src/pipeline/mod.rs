@@ -59,6 +59,9 @@ struct Inner {
     /// Requesters waiting for each key's load, so a queued render nobody waits for any more is
     /// dropped before it starts.
     waiting: Waiting,
+    /// Loads in progress per original, so a render knows whether other versions of its original
+    /// are being asked for right now.
+    siblings: Siblings,
     /// The versions each class is asked for.
     popularity: Popularity,
     /// `prerender_popular`: versions rendered in the background after a foreground miss.
@@ -158,6 +161,7 @@ impl Pipeline {
                 overrides,
                 store_warning: RateLimitedWarning::default(),
                 waiting: Waiting::default(),
+                siblings: Siblings::default(),
                 popularity,
                 prerender_count,
                 lane: prerender::Lane::default(),
@@ -422,6 +426,7 @@ impl Inner {
         waiters: Arc<AtomicUsize>,
     ) -> Result<Arc<Variant>, Error> {
         let key = origin.result_key(&req, format);
+        let _sibling = this.siblings.enter(origin.originals_key(&req));
         if let Some(remote) = &this.remote {
             match remote.get(&key).await {
                 Ok(Some(variant)) => return Ok(Arc::new(variant)),
@@ -459,10 +464,11 @@ impl Inner {
         }
         let original = self.original(req, origin).await?;
         let spec = self.spec(req, format);
+        let company = self.siblings.count(&origin.originals_key(req)) > 1;
         let started = Instant::now();
         let rendered = self
             .processor
-            .render_admitted(ticket, original, spec, &wanted)
+            .render_admitted(ticket, original, spec, &wanted, company)
             .await;
         m::time(m::TIME_PROCESS, started.elapsed());
         self.stats().publish();
@@ -589,6 +595,50 @@ impl Inner {
             .try_get_with(id, fetch)
             .await
             .map_err(|shared| (*shared).clone())
+    }
+}
+
+/// Loads in progress per original (its originals-cache key).
+#[derive(Default)]
+struct Siblings {
+    counts: Mutex<HashMap<String, usize>>,
+}
+
+/// One load's place in [`Siblings`], given up on drop.
+struct Sibling<'a> {
+    siblings: &'a Siblings,
+    key: String,
+}
+
+impl Siblings {
+    fn enter(&self, key: String) -> Sibling<'_> {
+        let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        *counts.entry(key.clone()).or_default() += 1;
+        Sibling {
+            siblings: self,
+            key,
+        }
+    }
+
+    fn count(&self, key: &str) -> usize {
+        let counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        counts.get(key).copied().unwrap_or(0)
+    }
+}
+
+impl Drop for Sibling<'_> {
+    fn drop(&mut self) {
+        let mut counts = self
+            .siblings
+            .counts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = counts.get_mut(&self.key) {
+            *n -= 1;
+            if *n == 0 {
+                counts.remove(&self.key);
+            }
+        }
     }
 }
 
