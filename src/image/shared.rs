@@ -114,6 +114,11 @@ pub(super) fn render_shared(
             return done;
         }
     }
+    if let Some(group) = group.as_mut() {
+        // No shared decode to serve latecomers from: close the group now, so versions that joined
+        // meanwhile (dropped here) render alone at once instead of waiting for this render.
+        while !(group.late)().is_empty() {}
+    }
     let mut results: Vec<_> = specs
         .iter()
         .map(|spec| render::render_within(original, spec, limits, deadline, inspected))
