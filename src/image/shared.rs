@@ -63,14 +63,14 @@ impl Delivery<'_> {
 }
 
 /// What [`render_shared`] did.
-pub struct Shared {
+pub(super) struct Shared {
     /// The results, in the order of the specs (with a [`Delivery`], only the leader's own: the
     /// members' went to them).
-    pub results: Vec<Result<Rendered, ImageError>>,
+    pub(super) results: Vec<Result<Rendered, ImageError>>,
     /// Decode passes made.
-    pub decodes: u64,
+    pub(super) decodes: u64,
     /// Late versions served from the decode.
-    pub late: u64,
+    pub(super) late: u64,
 }
 
 /// Renders every spec from `original`, with one decode when the group can share it (see the module
