@@ -4,7 +4,7 @@
 CARGO ?= cargo
 DEPS := scripts/install-deps.sh
 
-.PHONY: help run test bench bench-micro fmt fmt-check lint doc check fuzz samples deps
+.PHONY: help run test test-deploy package bench bench-micro fmt fmt-check lint doc check fuzz samples deps
 
 ## help: list the targets (the default)
 help:
@@ -19,6 +19,16 @@ run:
 test:
 	$(DEPS) test
 	$(CARGO) test --all-targets
+
+## package: the Debian package (cargo-deb, installed if missing) in target/debian/
+package:
+	$(DEPS) build
+	@command -v cargo-deb >/dev/null || $(CARGO) install cargo-deb --locked
+	$(CARGO) deb --strip
+
+## test-deploy: the deployment checks, slower than make test: builds the package, lists it, verifies the unit
+test-deploy: package
+	scripts/test-deploy.sh
 
 ## bench: load benchmark of the release server on loopback, one table (BENCH_QUICK=1: 2 s smoke run)
 bench:
