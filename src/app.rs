@@ -28,6 +28,9 @@ pub struct App {
     pub pipeline: Pipeline,
     /// Set when a stop was asked for: `/ready` turns 503 and new image requests are refused.
     pub shutting_down: AtomicBool,
+    /// Set once a successor has taken over the listening sockets: answers close their connection
+    /// (`Connection: close`), so clients reconnect to the successor.
+    pub handing_over: AtomicBool,
     /// When the server started.
     pub started: Instant,
     /// `Cache-Control` sent on cacheable 4xx answers, precomputed from `not_found_ttl`.
@@ -98,6 +101,7 @@ impl App {
             pipeline: Pipeline::new(config.clone(), source, remote, guard),
             config,
             shutting_down: AtomicBool::new(false),
+            handing_over: AtomicBool::new(false),
             started: Instant::now(),
             error_cache_control,
             cache_control,

@@ -1,6 +1,7 @@
 //! The `image-server` binary: parse the command line, load the configuration, start telemetry and
 //! libvips, bind, and hand over to the library (`server::run`). Nothing else lives here.
 
+use std::os::fd::{AsRawFd, RawFd};
 use std::process::ExitCode;
 use std::sync::Arc;
 
@@ -10,7 +11,7 @@ use image_server::cli::{CheckConfigArgs, Cli, Command};
 use image_server::config::{self, Config, Loaded};
 use image_server::image::vips;
 use image_server::metrics::{self, StatsdTarget};
-use image_server::server;
+use image_server::server::{self, restart};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -125,12 +126,19 @@ async fn serve(mut config: Config) -> anyhow::Result<ExitCode> {
         tracing::warn!("{warning}");
     }
     config.listen.max_connections = max_connections;
-    let listener =
-        tokio::net::TcpListener::bind((config.listen.listen_address, config.listen.server_port))
-            .await?;
-    let status =
-        tokio::net::TcpListener::bind((config.listen.status_ip(), config.listen.status_port))
-            .await?;
+    // A successor takes over its predecessor's sockets; a first start binds them.
+    let (listener, status) = match restart::inherited()? {
+        Some(pair) => pair,
+        None => (
+            tokio::net::TcpListener::bind((
+                config.listen.listen_address,
+                config.listen.server_port,
+            ))
+            .await?,
+            tokio::net::TcpListener::bind((config.listen.status_ip(), config.listen.status_port))
+                .await?,
+        ),
+    };
     tracing::info!(
         image = %listener.local_addr()?,
         status = %status.local_addr()?,
@@ -138,8 +146,38 @@ async fn serve(mut config: Config) -> anyhow::Result<ExitCode> {
         "listening"
     );
     let app = Arc::new(App::new(config)?);
-    server::run(app, listener, Some(status), server::shutdown_signal()).await?;
+    let fds = (listener.as_raw_fd(), status.as_raw_fd());
+    restart::signal_ready();
+    server::run(app, listener, Some(status), stop_or_restart(fds)).await?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Resolves with [`server::Stop::Terminate`] on SIGTERM or SIGINT, or with
+/// [`server::Stop::Handover`] once a SIGHUP's successor is ready. A successor that fails leaves
+/// this process serving: logged, and counted as `restart.failed`.
+async fn stop_or_restart((image, status): (RawFd, RawFd)) -> server::Stop {
+    let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {
+        server::shutdown_signal().await;
+        return server::Stop::Terminate;
+    };
+    let stop = server::shutdown_signal();
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            _ = &mut stop => return server::Stop::Terminate,
+            _ = hup.recv() => match restart::hand_over(image, status).await {
+                Ok(pid) => {
+                    metrics::incr_with(metrics::RESTART, "ok");
+                    tracing::info!(pid, "restart: the new process is serving");
+                    return server::Stop::Handover;
+                }
+                Err(e) => {
+                    metrics::incr_with(metrics::RESTART, "failed");
+                    tracing::error!(error = %e, "restart failed; this process keeps serving");
+                }
+            },
+        }
+    }
 }
 
 /// Caps glibc's malloc arenas at the number of cores. By default glibc gives each thread that

@@ -60,6 +60,8 @@ pub const PROCESSING_CURRENT: &str = "processing.current";
 /// Counter: background pre-renders of popular versions, by outcome:
 /// `prerender.{rendered,skipped,dropped}`.
 pub const PRERENDER: &str = "prerender";
+/// Counter: restarts on SIGHUP, by outcome: `restart.{ok,failed}`.
+pub const RESTART: &str = "restart";
 /// Gauge: original downloads running now.
 pub const DOWNLOADS_CURRENT: &str = "downloads.current";
 /// Gauge: renders waiting for a pool slot.
@@ -115,6 +117,10 @@ pub const COUNTERS: &[(&str, &str)] = &[
     (
         PRERENDER,
         "background pre-renders of popular versions: prerender.{rendered,skipped,dropped}",
+    ),
+    (
+        RESTART,
+        "restarts on SIGHUP: restart.{ok,failed}",
     ),
     (
         CONNECTION_CLOSED,

@@ -78,6 +78,12 @@ impl App {
                 .headers_mut()
                 .insert(header::VARY, HeaderValue::from_static("Accept"));
         }
+        if self.handing_over.load(Ordering::Acquire) {
+            // A successor serves new connections: this one closes after this answer.
+            response
+                .headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
         let status = response.status();
         // Decided by the status actually sent (`image_request_fail`: "answered with an error status"), so a
         // response that failed to build and became a 500 counts too, and a 304 never does.

@@ -167,6 +167,7 @@ impl App {
             "version": env!("CARGO_PKG_VERSION"),
             "libvips_version": vips::version(),
             "uptime_seconds": self.started.elapsed().as_secs(),
+            "pid": std::process::id(),
             "shutting_down": self.shutting_down.load(Ordering::Acquire),
             "processing": {
                 "current": stats.processing_current,

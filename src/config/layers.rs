@@ -24,7 +24,14 @@ pub const DEFAULT_TOML: &str = include_str!("../../config/default.toml");
 pub const ENV_PREFIX: &str = "IMAGE_SERVER_";
 
 /// Names under [`ENV_PREFIX`] that are not keys: the CLI's own variables (see [`crate::cli`]).
-pub(super) const ENV_RESERVED: [&str; 3] = ["ENVIRONMENT", "CONFIG", "CONFIG_DIR"];
+pub(super) const ENV_RESERVED: [&str; 5] = [
+    "ENVIRONMENT",
+    "CONFIG",
+    "CONFIG_DIR",
+    // The restart hand-over (crate::server::restart).
+    "LISTEN_FDS",
+    "READY_FD",
+];
 
 /// The defaults layer's name; a value from it has no origin worth a "(set in …)".
 const DEFAULTS: &str = "built-in defaults";

@@ -28,6 +28,7 @@ use crate::metrics as m;
 use crate::service::Body;
 
 pub mod connection;
+pub mod restart;
 
 use self::connection::{Activity, Deadlines, Room, Verdict, Watched};
 
@@ -122,10 +123,14 @@ pub async fn run(
     app: Arc<App>,
     listener: TcpListener,
     status_listener: Option<TcpListener>,
-    shutdown: impl Future<Output = ()> + Send,
+    shutdown: impl Future<Output = Stop> + Send,
 ) -> std::io::Result<()> {
     let grace = app.config.timeouts.shutdown_grace;
     let (stop_tx, stop_rx) = watch::channel(false);
+    // The image port's connections are told to stop separately: after a hand-over they keep
+    // serving (each closes after its next answer) while the listener is already closed.
+    let (conns_stop_tx, conns_stop_rx) = watch::channel(false);
+    let (status_accept_tx, status_accept_rx) = watch::channel(false);
     // The status port has its own stop signal, its own connections and its own small budget: it
     // keeps answering through the drain (so probes read 503 from `/ready` instead of a refused
     // connection), and image traffic filling `max_connections` cannot starve probes.
@@ -140,7 +145,7 @@ pub async fn run(
         app.clone(),
         listener,
         Port::Image,
-        stop_rx.clone(),
+        (stop_rx.clone(), conns_stop_rx.clone()),
         image_port.clone(),
     ));
     let status = status_listener.map(|l| {
@@ -148,15 +153,26 @@ pub async fn run(
             app.clone(),
             l,
             Port::Status,
-            status_stop_rx.clone(),
+            (status_accept_rx.clone(), status_stop_rx.clone()),
             status_port.clone(),
         ))
     });
     let gauges = tokio::spawn(publish_gauges(app.clone(), status_stop_rx.clone()));
 
-    shutdown.await;
-    tracing::info!("shutting down: refusing new work, finishing in-flight requests");
-    app.shutting_down.store(true, Ordering::Release);
+    match shutdown.await {
+        Stop::Terminate => {
+            tracing::info!("shutting down: refusing new work, finishing in-flight requests");
+            app.shutting_down.store(true, Ordering::Release);
+            let _ = conns_stop_tx.send(true);
+        }
+        Stop::Handover => {
+            // The successor accepts on the same sockets now. Open connections keep being served,
+            // each closed after its next answer (`Connection: close`), so no request fails.
+            tracing::info!("handed over: closing connections as they finish their next request");
+            app.handing_over.store(true, Ordering::Release);
+            let _ = status_accept_tx.send(true);
+        }
+    }
     let _ = stop_tx.send(true);
     let _ = image.await;
     if tokio::time::timeout(grace, image_port.drained())
@@ -165,6 +181,9 @@ pub async fn run(
     {
         tracing::warn!("shutdown grace ran out with connections still open");
     }
+    // Connections still idle after a hand-over are closed now.
+    let _ = conns_stop_tx.send(true);
+    let _ = tokio::time::timeout(Duration::from_secs(1), image_port.drained()).await;
     if let Some(remote) = app.pipeline.remote() {
         if !remote.flush(Duration::from_secs(5)).await {
             tracing::warn!(
@@ -173,6 +192,7 @@ pub async fn run(
             );
         }
     }
+    let _ = status_accept_tx.send(true);
     let _ = status_stop_tx.send(true);
     if let Some(s) = status {
         let _ = s.await;
@@ -231,7 +251,7 @@ async fn accept_loop(
     app: Arc<App>,
     listener: TcpListener,
     port: Port,
-    mut stop: watch::Receiver<bool>,
+    (mut stop, conns_stop): (watch::Receiver<bool>, watch::Receiver<bool>),
     slots: Arc<Slots>,
 ) {
     let config = &app.config;
@@ -291,7 +311,7 @@ async fn accept_loop(
             port,
             activity,
             deadlines,
-            stop.clone(),
+            conns_stop.clone(),
             (permit, seat),
         ));
     }
@@ -447,6 +467,7 @@ pub async fn start(app: App) -> std::io::Result<Running> {
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let task = tokio::spawn(run(app.clone(), listener, Some(status), async move {
         let _ = rx.await;
+        Stop::Terminate
     }));
     Ok(Running {
         addr,
@@ -455,6 +476,16 @@ pub async fn start(app: App) -> std::io::Result<Running> {
         stop: Some(tx),
         task,
     })
+}
+
+/// How [`run`] ends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stop {
+    /// A stop (SIGTERM, SIGINT): refuse new work with 503, finish what is in progress.
+    Terminate,
+    /// A successor accepts on the same sockets now ([`restart`]): stop accepting, serve each open
+    /// connection's next request normally and close it after.
+    Handover,
 }
 
 /// Resolves on SIGINT or SIGTERM (the server's graceful stop, and `warm`'s clean interruption).

@@ -13,6 +13,7 @@ mod hostile;
 mod migration;
 mod operations;
 mod prerender;
+mod restart;
 mod seaweed;
 mod seed_config;
 mod serve;
