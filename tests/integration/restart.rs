@@ -100,16 +100,21 @@ async fn sighup_restarts_without_a_failed_request_and_a_bad_successor_changes_no
     // Steady load: 32 connections, each a keep-alive client asking again as soon as answered.
     let stop = Arc::new(AtomicBool::new(false));
     let (ok, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let slowest_us = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let mut load = Vec::new();
     for _ in 0..32 {
         let (stop, ok, failed, url) = (stop.clone(), ok.clone(), failed.clone(), url.clone());
+        let slowest_us = slowest_us.clone();
         load.push(tokio::spawn(async move {
             let c = client();
             while !stop.load(Ordering::Relaxed) {
+                let started = Instant::now();
                 let answered = match c.get(&url).send().await {
                     Ok(r) => r.status() == 200 && r.bytes().await.is_ok(),
                     Err(_) => false,
                 };
+                let us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+                slowest_us.fetch_max(us, Ordering::Relaxed);
                 if answered {
                     ok.fetch_add(1, Ordering::Relaxed);
                 } else {
@@ -164,8 +169,9 @@ async fn sighup_restarts_without_a_failed_request_and_a_bad_successor_changes_no
 
     let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
     println!(
-        "restarts: {} processes, {ok} answered, {failed} failed",
-        pids.len()
+        "restarts: {} processes, {ok} answered, {failed} failed, slowest request {} ms",
+        pids.len(),
+        slowest_us.load(Ordering::Relaxed) / 1000
     );
     assert_eq!(
         failed, 0,
