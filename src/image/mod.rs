@@ -182,6 +182,44 @@ struct Batch {
     bytes: u64,
 }
 
+impl Batch {
+    /// The render of the wanted versions from one decode where they allow it, to run on a render
+    /// thread; `held` (slot, memory) is released when it ends.
+    fn job<H: Send + 'static>(
+        &self,
+        held: H,
+        original: Bytes,
+        specs: &[RenderSpec],
+        limits: DecodeLimits,
+        timeout: Duration,
+        inspection: cost::Inspection,
+    ) -> impl FnOnce() -> (Vec<Result<Rendered, ImageError>>, u64) + Send + 'static {
+        let chosen: Vec<RenderSpec> = self.wanted.iter().map(|&i| specs[i].clone()).collect();
+        let deadline = Deadline::after(timeout);
+        move || {
+            let _held = held;
+            let done =
+                shared::render_shared(&original, &chosen, &limits, &deadline, &inspection, None);
+            (done.results, done.decodes)
+        }
+    }
+
+    /// Every version's result in order: the refusals, and `rendered` for the wanted ones.
+    fn merge(
+        self,
+        rendered: Vec<Result<Rendered, ImageError>>,
+    ) -> Vec<Result<Rendered, ImageError>> {
+        let mut results = self.results;
+        for (i, result) in self.wanted.into_iter().zip(rendered) {
+            results[i] = Some(result);
+        }
+        results
+            .into_iter()
+            .map(|r| r.unwrap_or(Err(ImageError::Internal("not rendered".into()))))
+            .collect()
+    }
+}
+
 /// The render pool: renders on tokio's blocking threads, within the [`Budgets`].
 #[derive(Debug)]
 pub struct Processor {
@@ -382,45 +420,30 @@ impl Processor {
         original: Bytes,
         specs: &[RenderSpec],
     ) -> Result<Vec<Result<Rendered, ImageError>>, ImageError> {
-        let limits = self.limits;
         let inspection = self.inspect(&original).await?;
-        let Batch {
-            mut results,
-            wanted,
-            bytes,
-        } = self.batch(&inspection, specs);
-        if !wanted.is_empty() {
-            let reserved = self.budgets.reserve(bytes).await?;
-            let slot = self.budgets.slot().await;
-            ticket.unstage();
-            self.total.fetch_add(1, Ordering::Relaxed);
-            self.shared
-                .fetch_add(wanted.len() as u64 - 1, Ordering::Relaxed);
-            let chosen: Vec<RenderSpec> = wanted.iter().map(|&i| specs[i].clone()).collect();
-            let deadline = Deadline::after(self.render_timeout);
-            let (rendered, decodes) = tokio::task::spawn_blocking(move || {
-                let _held = (slot, reserved);
-                let done = shared::render_shared(
-                    &original,
-                    &chosen,
-                    &limits,
-                    &deadline,
-                    &inspection,
-                    None,
-                );
-                (done.results, done.decodes)
-            })
+        let batch = self.batch(&inspection, specs);
+        if batch.wanted.is_empty() {
+            return Ok(batch.merge(Vec::new()));
+        }
+        let reserved = self.budgets.reserve(batch.bytes).await?;
+        let slot = self.budgets.slot().await;
+        ticket.unstage();
+        self.total.fetch_add(1, Ordering::Relaxed);
+        self.shared
+            .fetch_add(batch.wanted.len() as u64 - 1, Ordering::Relaxed);
+        let job = batch.job(
+            (slot, reserved),
+            original,
+            specs,
+            self.limits,
+            self.render_timeout,
+            inspection,
+        );
+        let (rendered, decodes) = tokio::task::spawn_blocking(job)
             .await
             .map_err(|e| ImageError::Internal(format!("render task: {e}")))?;
-            self.decodes.fetch_add(decodes, Ordering::Relaxed);
-            for (i, result) in wanted.into_iter().zip(rendered) {
-                results[i] = Some(result);
-            }
-        }
-        Ok(results
-            .into_iter()
-            .map(|r| r.unwrap_or(Err(ImageError::Internal("not rendered".into()))))
-            .collect())
+        self.decodes.fetch_add(decodes, Ordering::Relaxed);
+        Ok(batch.merge(rendered))
     }
 
     /// Decode passes since start-up: one per render, and one per group of versions sharing a
@@ -449,44 +472,27 @@ impl Processor {
         if !self.budgets.idle_for_background() {
             return Ok(None);
         }
-        let limits = self.limits;
         let inspection = self.inspect(&original).await?;
-        let Batch {
-            mut results,
-            wanted: chosen,
-            bytes,
-        } = self.batch(&inspection, specs);
-        if !chosen.is_empty() {
-            let Some(held) = self.budgets.try_background(bytes) else {
-                return Ok(None);
-            };
-            let wanted: Vec<RenderSpec> = chosen.iter().map(|&i| specs[i].clone()).collect();
-            let deadline = Deadline::after(self.render_timeout);
-            let (rendered, decodes) = idle::run(move || {
-                let _held = held;
-                let done = shared::render_shared(
-                    &original,
-                    &wanted,
-                    &limits,
-                    &deadline,
-                    &inspection,
-                    None,
-                );
-                (done.results, done.decodes)
-            })
+        let batch = self.batch(&inspection, specs);
+        if batch.wanted.is_empty() {
+            return Ok(Some(batch.merge(Vec::new())));
+        }
+        let Some(held) = self.budgets.try_background(batch.bytes) else {
+            return Ok(None);
+        };
+        let job = batch.job(
+            held,
+            original,
+            specs,
+            self.limits,
+            self.render_timeout,
+            inspection,
+        );
+        let (rendered, decodes) = idle::run(job)
             .await
             .map_err(|_| ImageError::Internal("background render thread unavailable".into()))?;
-            self.decodes.fetch_add(decodes, Ordering::Relaxed);
-            for (i, result) in chosen.into_iter().zip(rendered) {
-                results[i] = Some(result);
-            }
-        }
-        Ok(Some(
-            results
-                .into_iter()
-                .map(|r| r.unwrap_or(Err(ImageError::Internal("not rendered".into()))))
-                .collect(),
-        ))
+        self.decodes.fetch_add(decodes, Ordering::Relaxed);
+        Ok(Some(batch.merge(rendered)))
     }
 
     /// Sorts the versions of a batch (`warm`, the background lane): AVIF and versions over a limit
