@@ -338,6 +338,17 @@ mod tests {
         }
     }
 
+    /// The object source `s3://bucket/p` (template `{id}`) on the S3 endpoint at `addr`.
+    fn s3_source(addr: std::net::SocketAddr, max_bytes: u64) -> ObjectSource {
+        ObjectSource::new(
+            &store("s3://bucket/p"),
+            &s3_at(addr),
+            template("{id}"),
+            limits(max_bytes),
+        )
+        .expect("source")
+    }
+
     /// A minimal S3-compatible GET endpoint on a loopback port: `/bucket/p/1` holds `abc`,
     /// everything else is 404; `silent` makes it accept and never answer.
     async fn fake_s3(silent: bool) -> (std::net::SocketAddr, RawOrigin) {
@@ -363,13 +374,7 @@ mod tests {
     #[tokio::test]
     async fn s3_found_and_missing() {
         let (addr, raw) = fake_s3(false).await;
-        let s = ObjectSource::new(
-            &store("s3://bucket/p"),
-            &s3_at(addr),
-            template("{id}"),
-            limits(100),
-        )
-        .expect("source");
+        let s = s3_source(addr, 100);
         assert_eq!(s.fetch(&req("1")).await, Ok(Bytes::from_static(b"abc")));
         assert_eq!(s.fetch(&req("2")).await, Err(SourceError::NotFound));
         let heads = raw.heads();
@@ -379,13 +384,7 @@ mod tests {
             "{}",
             heads[0]
         );
-        let s = ObjectSource::new(
-            &store("s3://bucket/p"),
-            &s3_at(addr),
-            template("{id}"),
-            limits(2),
-        )
-        .expect("source");
+        let s = s3_source(addr, 2);
         assert_eq!(s.fetch(&req("1")).await, Err(SourceError::TooLarge));
         assert_eq!(s.describe(), "s3://bucket/p");
         assert_eq!(describe_url("s3://bucket/p/"), "s3://bucket/p");
@@ -398,13 +397,7 @@ mod tests {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         let addr = listener.local_addr().expect("addr");
         drop(listener);
-        let s = ObjectSource::new(
-            &store("s3://bucket/p"),
-            &s3_at(addr),
-            template("{id}"),
-            limits(100),
-        )
-        .expect("source");
+        let s = s3_source(addr, 100);
         let start = Instant::now();
         let got = s.fetch(&req("1")).await;
         assert!(matches!(got, Err(SourceError::Upstream(_))), "{got:?}");
