@@ -7,6 +7,7 @@
 #   build   libvips-dev and libjpeg62-turbo-dev (src/image/jpeg.c; libvips-dev pulls it in too):
 #           all that `cargo build` / `make run` need beyond a Rust toolchain and a C compiler
 #   test    build + what the tests use: vips CLI, djpeg, exiftool, nginx (the simulated CDN),
+#           systemd's tools (systemd-socket-activate, systemd-analyze; nothing is started),
 #           SeaweedFS (S3 server), Pillow, Etsy statsd
 #   bench   what scripts/bench.sh uses: wrk (load generator), nginx-light (the static-file
 #           comparison), vips CLI (its originals) and djpeg (the decode floor)
@@ -20,7 +21,7 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 apt_build=(libvips-dev libjpeg62-turbo-dev)
 # `exiftool` on Debian 12 is the package libimage-exiftool-perl (the short name is only virtual,
 # which dpkg cannot query).
-apt_test=(libvips-dev libjpeg62-turbo-dev libvips-tools libjpeg-turbo-progs libimage-exiftool-perl nginx-light)
+apt_test=(libvips-dev libjpeg62-turbo-dev libvips-tools libjpeg-turbo-progs libimage-exiftool-perl nginx-light systemd)
 apt_bench=(nginx-light wrk libvips-tools libjpeg-turbo-progs)
 
 want_apt=()

@@ -179,6 +179,9 @@ pub enum Command {
     Warm(WarmArgs),
     /// Delete every stored variant of some originals, and the memory entries of running servers.
     Purge(PurgeArgs),
+    /// Restart a running server without refusing a connection: check the configuration, send the
+    /// process named by the PID file SIGHUP, and wait until its successor has taken over.
+    Restart(RestartArgs),
 }
 
 /// `image-server warm --versions w200.jpg,x400.webp ID…|-`.
@@ -213,6 +216,22 @@ pub struct PurgeArgs {
     /// e.g. `http://10.0.0.5:7001`.
     #[arg(long = "status-url", value_name = "URL")]
     pub status_urls: Vec<url::Url>,
+}
+
+/// `image-server restart [--pid-file FILE] [--timeout 45s]`.
+#[derive(Debug, Clone, PartialEq, Eq, Args)]
+pub struct RestartArgs {
+    /// The running server's PID file (default: the `pid_file` key).
+    #[arg(long, value_name = "FILE")]
+    pub pid_file: Option<PathBuf>,
+
+    /// How long to wait for the successor to take over (a duration such as `45s`).
+    #[arg(long, value_name = "DURATION", default_value = "45s", value_parser = parse_duration)]
+    pub timeout: std::time::Duration,
+}
+
+fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("expected a duration such as 45s: {e}"))
 }
 
 #[cfg(test)]

@@ -2,6 +2,7 @@
 //! libvips, bind, and hand over to the library (`server::run`). Nothing else lives here.
 
 use std::os::fd::{AsRawFd, RawFd};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
@@ -11,7 +12,7 @@ use image_server::cli::{CheckConfigArgs, Cli, Command};
 use image_server::config::{self, Config, Loaded};
 use image_server::image::vips;
 use image_server::metrics::{self, StatsdTarget};
-use image_server::server::{self, restart};
+use image_server::server::{self, restart, supervisor};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -57,6 +58,7 @@ fn main() -> ExitCode {
             Command::Serve | Command::CheckConfig(_) => serve(config).await,
             Command::Warm(args) => image_server::commands::warm(config, args).await,
             Command::Purge(args) => image_server::commands::purge(config, args).await,
+            Command::Restart(args) => image_server::commands::restart(config, args).await,
         }
     });
     match result {
@@ -126,8 +128,13 @@ async fn serve(mut config: Config) -> anyhow::Result<ExitCode> {
         tracing::warn!("{warning}");
     }
     config.listen.max_connections = max_connections;
-    // A successor takes over its predecessor's sockets; a first start binds them.
-    let (listener, status) = match restart::inherited()? {
+    // A successor takes over its predecessor's sockets, a process started by a systemd socket
+    // unit takes that unit's; a first start binds them.
+    let inherited = match restart::inherited()? {
+        Some(pair) => Some(pair),
+        None => supervisor::activated()?,
+    };
+    let (listener, status) = match inherited {
         Some(pair) => pair,
         None => (
             tokio::net::TcpListener::bind((
@@ -145,37 +152,54 @@ async fn serve(mut config: Config) -> anyhow::Result<ExitCode> {
         libvips = %vips::version(),
         "listening"
     );
+    let pid_file = config.listen.pid_file.clone();
     let app = Arc::new(App::new(config)?);
     let fds = (listener.as_raw_fd(), status.as_raw_fd());
     restart::signal_ready();
-    server::run(app, listener, Some(status), stop_or_restart(fds)).await?;
+    supervisor::ready(pid_file.as_deref());
+    let stop = stop_or_restart(fds, pid_file.clone());
+    let served = server::run(app, listener, Some(status), stop).await;
+    supervisor::exiting(pid_file.as_deref());
+    served?;
     Ok(ExitCode::SUCCESS)
 }
 
 /// Resolves with [`server::Stop::Terminate`] on SIGTERM or SIGINT, or with
 /// [`server::Stop::Handover`] once a SIGHUP's successor is ready. A successor that fails leaves
-/// this process serving: logged, and counted as `restart.failed`.
-async fn stop_or_restart((image, status): (RawFd, RawFd)) -> server::Stop {
+/// this process serving: logged, counted as `restart.failed`, and its reason left beside the PID
+/// file for `image-server restart`.
+async fn stop_or_restart(
+    (image, status): (RawFd, RawFd),
+    pid_file: Option<PathBuf>,
+) -> server::Stop {
     let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {
         server::shutdown_signal().await;
+        supervisor::stopping();
         return server::Stop::Terminate;
     };
     let stop = server::shutdown_signal();
     tokio::pin!(stop);
     loop {
         tokio::select! {
-            _ = &mut stop => return server::Stop::Terminate,
-            _ = hup.recv() => match restart::hand_over(image, status).await {
-                Ok(pid) => {
-                    metrics::incr_with(metrics::RESTART, "ok");
-                    tracing::info!(pid, "restart: the new process is serving");
-                    return server::Stop::Handover;
+            _ = &mut stop => {
+                supervisor::stopping();
+                return server::Stop::Terminate;
+            }
+            _ = hup.recv() => {
+                supervisor::reloading();
+                match restart::hand_over(image, status).await {
+                    Ok(pid) => {
+                        metrics::incr_with(metrics::RESTART, "ok");
+                        tracing::info!(pid, "restart: the new process is serving");
+                        return server::Stop::Handover;
+                    }
+                    Err(e) => {
+                        metrics::incr_with(metrics::RESTART, "failed");
+                        tracing::error!(error = %e, "restart failed; this process keeps serving");
+                        supervisor::restart_failed(pid_file.as_deref(), &e.to_string());
+                    }
                 }
-                Err(e) => {
-                    metrics::incr_with(metrics::RESTART, "failed");
-                    tracing::error!(error = %e, "restart failed; this process keeps serving");
-                }
-            },
+            }
         }
     }
 }

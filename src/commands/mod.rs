@@ -1,15 +1,18 @@
 //! Operator commands beside the request path (docs/operations.md): [`warm`] renders versions of many
 //! ids into the result store through the same pipeline as a request; [`purge`] deletes an id's stored
-//! variants and tells running servers to drop their memory entries.
+//! variants and tells running servers to drop their memory entries; [`restart`] has a running server
+//! hand its sockets to a successor and waits until that one serves.
 //!
 //! Neither command opens a listener; both start from the same [`crate::app::App`] a server builds.
 //! Exit status: 0 when everything succeeded, 1 when anything failed, 2 when the command cannot start
 //! (nothing to work on, no result store, no admin token for `--status-url`), 130 when interrupted.
 
 mod purge;
+mod restart;
 mod warm;
 
 pub use purge::purge;
+pub use restart::restart;
 pub use warm::warm;
 
 use crate::request::{ImageRequest, Rules};

@@ -52,6 +52,10 @@ pub struct Listen {
     /// Requests in progress at once on one HTTP/2 connection.
     #[serde(deserialize_with = "de::int::<_, _, 1, MAX_WORKERS>")]
     pub http2_max_concurrent_streams: u32,
+    /// Where the serving process writes its PID once it is ready (a restart's successor replaces
+    /// it); `image-server restart` reads it. `None` (empty): no PID file.
+    #[serde(deserialize_with = "de::optional")]
+    pub pid_file: Option<std::path::PathBuf>,
 }
 
 impl Listen {

@@ -30,6 +30,17 @@ impl FromText for std::net::IpAddr {
     }
 }
 
+impl FromText for std::path::PathBuf {
+    fn from_text(text: &str) -> Result<Self, String> {
+        let path = std::path::PathBuf::from(text);
+        if path.is_absolute() {
+            Ok(path)
+        } else {
+            Err(format!("expected an absolute path such as /run/image-server/image-server.pid, got {text:?}"))
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------------------------------
 // Object-store URLs
 // ---------------------------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ use crate::service::Body;
 
 pub mod connection;
 pub mod restart;
+pub mod supervisor;
 
 use self::connection::{Activity, Deadlines, Room, Verdict, Watched};
 

@@ -87,6 +87,7 @@ fn every_bad_value_names_its_key() {
         ("send_timeout", "soon", "duration"),
         ("render_timeout", "0s", "greater than zero"),
         ("status_address", "localhost", "IP address"),
+        ("pid_file", "run/image-server.pid", "absolute path"),
         ("http2_max_concurrent_streams", "0", "between 1"),
         ("max_jpeg_scans", "0", "between 1"),
         ("max_avif_output_pixels", "0", "between 1"),
