@@ -55,7 +55,15 @@ usage() {
 ours() {
     local pid="$1"
     [ -n "$pid" ] && [ -r "/proc/$pid/cmdline" ] &&
-        tr '\0' ' ' <"/proc/$pid/cmdline" | grep -qF -- "$FLEET_DIR/"
+        { tr '\0' ' ' <"/proc/$pid/cmdline"; } 2>/dev/null | grep -qF -- "$FLEET_DIR/"
+}
+
+# True while PID runs (a child that exited but was not reaped yet is a zombie: not running). Right
+# after `spawn`, before its exec, a child's command line is still this script's, so `ours` would
+# not know it yet.
+alive() {
+    local state
+    state="$(ps -o stat= -p "$1" 2>/dev/null)" && [ -n "$state" ] && [[ "$state" != Z* ]]
 }
 
 pid_of() { cat "$piddir/$1.pid" 2>/dev/null || true; }
@@ -65,7 +73,13 @@ spawn() {
     local name="$1"
     shift
     setsid "$@" </dev/null >>"$logdir/$name.log" 2>&1 &
-    echo "$!" >"$piddir/$name.pid"
+    local pid=$! i
+    echo "$pid" >"$piddir/$name.pid"
+    # Until it has exec'd, `ours` (and so `down`) would not recognise it.
+    for ((i = 0; i < 100; i++)); do
+        if ours "$pid" || ! alive "$pid"; then break; fi
+        sleep 0.05
+    done
 }
 
 # Sends SIGNAL to NAME's process if it is ours, waits up to SECONDS for it to exit, then SIGKILLs.
@@ -145,7 +159,7 @@ wait_for() {
     pid="$(pid_of "$name")"
     for ((i = 0; i < seconds * 10; i++)); do
         if "$@"; then return 0; fi
-        if ! ours "$pid"; then
+        if ! alive "$pid"; then
             log_tail "$name"
             die "$name exited before $what"
         fi
