@@ -4,7 +4,7 @@
 CARGO ?= cargo
 DEPS := scripts/install-deps.sh
 
-.PHONY: help run test test-deploy package bench bench-micro fmt fmt-check lint doc check fuzz samples deps
+.PHONY: help run test test-deploy package bench bench-micro fmt fmt-check lint doc check fuzz samples deps fleet-up fleet-down
 
 ## help: list the targets (the default)
 help:
@@ -25,6 +25,16 @@ package:
 	$(DEPS) build
 	@command -v cargo-deb >/dev/null || $(CARGO) install cargo-deb --locked
 	$(CARGO) deb --strip
+
+## fleet-up: FLEET_N (3) instances of the release build behind nginx with a shared store, on loopback (deploy/fleet/)
+FLEET_N ?= 3
+fleet-up:
+	$(DEPS) test
+	scripts/fleet.sh up $(FLEET_N)
+
+## fleet-down: stop what fleet-up started
+fleet-down:
+	scripts/fleet.sh down
 
 ## test-deploy: the deployment checks, slower than make test: builds the package, lists it, verifies the unit
 test-deploy: package

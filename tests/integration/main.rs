@@ -9,6 +9,7 @@ mod caching;
 mod cdn;
 mod docs;
 mod faults;
+mod fleet;
 mod hostile;
 mod migration;
 mod operations;

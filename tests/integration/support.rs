@@ -273,8 +273,14 @@ pub async fn get(server: &Running, path: &str) -> reqwest::Response {
 
 /// A counter from the status port's Prometheus page (`a.b.c` is written `a_b_c`), 0 when absent.
 pub async fn counter(server: &Running, name: &str) -> f64 {
+    counter_at(&server.status_addr.to_string(), name).await
+}
+
+/// [`counter`] of the server whose status port is at `status_addr` (`host:port`), such as a server
+/// running as a child process.
+pub async fn counter_at(status_addr: &str, name: &str) -> f64 {
     let text = client()
-        .get(format!("http://{}/metrics", server.status_addr))
+        .get(format!("http://{status_addr}/metrics"))
         .send()
         .await
         .expect("metrics")
