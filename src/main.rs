@@ -15,6 +15,7 @@ use image_server::metrics::{self, StatsdTarget};
 use image_server::server::{self, restart, supervisor};
 
 fn main() -> ExitCode {
+    restart::remember_executable();
     let cli = Cli::parse();
     let loaded = match config::load(&cli.global) {
         Ok(loaded) => loaded,

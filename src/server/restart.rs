@@ -12,6 +12,8 @@
 
 use std::io::{Read, Write};
 use std::os::fd::{FromRawFd, RawFd};
+use std::path::PathBuf;
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
@@ -38,6 +40,35 @@ pub enum RestartError {
     /// Preparing the hand-over failed.
     #[error("cannot hand the sockets over: {0}")]
     Io(#[source] std::io::Error),
+}
+
+/// The path this process was started from, taken at start-up ([`remember_executable`]).
+static EXECUTABLE: OnceLock<PathBuf> = OnceLock::new();
+
+/// Notes the path of the running binary, before anything can replace it. Once a package upgrade
+/// has renamed a new binary over it, the kernel names the running one `… (deleted)`, and a
+/// successor must start from the path, which now holds the new binary.
+pub fn remember_executable() {
+    if let Ok(path) = std::env::current_exe() {
+        let _ = EXECUTABLE.set(without_deleted(path));
+    }
+}
+
+/// The binary a successor starts from: the path noted at start-up, else the current one.
+fn executable() -> std::io::Result<PathBuf> {
+    match EXECUTABLE.get() {
+        Some(path) => Ok(path.clone()),
+        None => std::env::current_exe().map(without_deleted),
+    }
+}
+
+/// `/usr/bin/image-server (deleted)` → `/usr/bin/image-server`: what Linux reports for a binary
+/// unlinked or replaced while it runs.
+fn without_deleted(path: PathBuf) -> PathBuf {
+    match path.to_str().and_then(|p| p.strip_suffix(" (deleted)")) {
+        Some(original) => PathBuf::from(original),
+        None => path,
+    }
 }
 
 /// The listening sockets a predecessor handed over, if this process is a successor.
@@ -100,7 +131,7 @@ pub async fn hand_over(image: RawFd, status: RawFd) -> Result<u32, RestartError>
             std::fs::File::from_raw_fd(fds[1]),
         )
     };
-    let exe = std::env::current_exe().map_err(RestartError::Spawn)?;
+    let exe = executable().map_err(RestartError::Spawn)?;
     // Inheritable for this one spawn only.
     for fd in [image, status, fds[1]] {
         set_cloexec(fd, false).map_err(RestartError::Io)?;
@@ -142,5 +173,22 @@ pub async fn hand_over(image: RawFd, status: RawFd) -> Result<u32, RestartError>
             let _ = child.wait();
             Err(RestartError::NotReady(READY_WITHIN))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_replaced_binary_is_restarted_from_its_path() {
+        assert_eq!(
+            without_deleted(PathBuf::from("/usr/bin/image-server (deleted)")),
+            PathBuf::from("/usr/bin/image-server")
+        );
+        assert_eq!(
+            without_deleted(PathBuf::from("/usr/bin/image-server")),
+            PathBuf::from("/usr/bin/image-server")
+        );
     }
 }

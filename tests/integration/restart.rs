@@ -411,3 +411,42 @@ async fn serves_on_sockets_passed_by_systemd_and_restarts_on_them() {
     signal(second, libc::SIGTERM);
     let _ = child.wait().await;
 }
+
+/// What a package upgrade does: a new binary is renamed over the running one's path, then the
+/// server is restarted; the successor runs the new file (the old one is by then "deleted").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_successor_runs_the_binary_now_at_the_path() {
+    use std::os::unix::fs::MetadataExt;
+
+    let origin = Origin::start().await;
+    let dir = tempfile::tempdir().expect("tmp");
+    let bin = dir.path().join("image-server");
+    std::fs::copy(env!("CARGO_BIN_EXE_image-server"), &bin).expect("copy the binary");
+    let config = dir.path().join("server.toml");
+    let (port, sport) = (free_port(), free_port());
+    std::fs::write(&config, config_text(&origin, port, sport, "")).expect("config");
+    let mut child = spawn(bin.as_os_str(), &server_args(&config), &[]);
+    let first = first_pid(sport).await;
+
+    // The upgrade: a new file written beside it and renamed over the path.
+    let staged = dir.path().join("image-server.new");
+    std::fs::copy(env!("CARGO_BIN_EXE_image-server"), &staged).expect("stage");
+    std::fs::rename(&staged, &bin).expect("replace");
+    let running = std::fs::read_link(format!("/proc/{first}/exe")).expect("exe link");
+    assert!(
+        running.to_string_lossy().ends_with("(deleted)"),
+        "{running:?}"
+    );
+
+    signal(first, libc::SIGHUP);
+    let second = next_pid(sport, first).await;
+    let exe = std::fs::metadata(format!("/proc/{second}/exe")).expect("successor's binary");
+    let now = std::fs::metadata(&bin).expect("the new binary");
+    assert_eq!(
+        (exe.dev(), exe.ino()),
+        (now.dev(), now.ino()),
+        "the successor runs the file now at the path"
+    );
+    signal(second, libc::SIGTERM);
+    let _ = child.wait().await;
+}
