@@ -169,6 +169,21 @@ pub struct Rules {
     pub default_quality: DefaultQuality,
     /// `allowed_sizes`, canonical version names (`300x400`, `w200`, `full_size`), if restricted.
     pub allowed_sizes: Option<Vec<String>>,
+    /// `named_versions`: a last segment without an extension (`thumb`) stands for this version
+    /// file (`x150.jpg`), with the same answer and cache entry.
+    pub named: std::collections::BTreeMap<String, String>,
+}
+
+impl Rules {
+    /// Rules that accept any well-formed name (every format, the largest numbers): for checking
+    /// the form of a version file on its own.
+    pub fn lenient() -> Rules {
+        Rules {
+            maximum_width: MAX_NUMBER,
+            maximum_height: MAX_NUMBER,
+            ..Rules::default()
+        }
+    }
 }
 
 /// Default quality per lossy format.
@@ -212,6 +227,7 @@ impl Default for Rules {
             whitelist: Format::ALL.to_vec(),
             default_quality: DefaultQuality::default(),
             allowed_sizes: None,
+            named: std::collections::BTreeMap::new(),
         }
     }
 }
@@ -272,6 +288,11 @@ impl ImageRequest {
         if !valid_segment(id, 128, true) {
             return Err(RequestError::NoRoute);
         }
+        // A named version (`thumb`) is its file (`x150.jpg`): one answer, one cache entry.
+        let file = match rules.named.get(file) {
+            Some(named) if !file.contains('.') => named.as_str(),
+            _ => file,
+        };
         let (stem, ext) = file.rsplit_once('.').ok_or(RequestError::NoRoute)?;
         if ext.is_empty() || ext.len() > 8 || !ext.bytes().all(|b| b.is_ascii_alphanumeric()) {
             return Err(RequestError::NoRoute);
@@ -332,6 +353,32 @@ impl ImageRequest {
             version,
             quality,
             format,
+        })
+    }
+
+    /// Parses the path of an original, `/{model}/{type}/{id}` (the upload endpoints), with the
+    /// same rules for each name as an image URL. The version is `full_size.jpg`, unused.
+    pub fn parse_original(path: &str) -> Result<ImageRequest, RequestError> {
+        let rest = path.strip_prefix('/').ok_or(RequestError::NoRoute)?;
+        let mut parts = rest.split('/');
+        let (Some(model), Some(kind), Some(id), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return Err(RequestError::NoRoute);
+        };
+        if !valid_segment(model, 64, false)
+            || !valid_segment(kind, 64, false)
+            || !valid_segment(id, 128, true)
+        {
+            return Err(RequestError::NoRoute);
+        }
+        Ok(ImageRequest {
+            model: model.to_owned(),
+            kind: kind.to_owned(),
+            id: id.to_owned(),
+            version: Version::FullSize,
+            quality: None,
+            format: Format::Jpeg,
         })
     }
 

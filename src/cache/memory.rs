@@ -25,7 +25,8 @@ const ENTRY_OVERHEAD: u64 = 256;
 #[derive(Clone)]
 pub struct MemoryCache {
     variants: Cache<CacheKey, Arc<Variant>>,
-    not_found: Cache<String, ()>,
+    /// Missing originals, with the revision they were found missing at.
+    not_found: Cache<String, u64>,
     max_entry_bytes: u64,
     hits: Arc<AtomicU64>,
     misses: Arc<AtomicU64>,
@@ -83,6 +84,11 @@ impl MemoryCache {
         self.variants.contains_key(key)
     }
 
+    /// Drops one entry (a stale one, made from a replaced original).
+    pub async fn remove(&self, key: &CacheKey) {
+        self.variants.invalidate(key).await;
+    }
+
     /// Keeps a variant rendered outside a request (the background pre-render), unless it is over
     /// `memory_cache_max_entry_kb`.
     pub async fn insert(&self, key: CacheKey, variant: Arc<Variant>) {
@@ -132,14 +138,15 @@ impl MemoryCache {
         Ok((variant, outcome))
     }
 
-    /// True while `original` is negatively cached as missing.
-    pub async fn is_not_found(&self, original: &str) -> bool {
-        self.not_found.get(original).await.is_some()
+    /// True while `original` is negatively cached as missing at `revision` (an entry from before
+    /// an upload does not count).
+    pub async fn is_not_found(&self, original: &str, revision: u64) -> bool {
+        self.not_found.get(original).await == Some(revision)
     }
 
-    /// Remembers that `original` is missing for `not_found_ttl`.
-    pub async fn mark_not_found(&self, original: &str) {
-        self.not_found.insert(original.to_owned(), ()).await;
+    /// Remembers for `not_found_ttl` that `original` was missing at `revision`.
+    pub async fn mark_not_found(&self, original: &str, revision: u64) {
+        self.not_found.insert(original.to_owned(), revision).await;
     }
 
     /// Drops every variant and negative entry of one original (`{model}/{type}/{id}`), for purge.
@@ -302,11 +309,15 @@ mod tests {
     #[tokio::test]
     async fn negative_entries_expire_and_purge_drops_one_original() {
         let cache = MemoryCache::new(1 << 20, 1 << 20, Duration::from_millis(100));
-        cache.mark_not_found("p/i/9").await;
-        assert!(cache.is_not_found("p/i/9").await);
-        assert!(!cache.is_not_found("p/i/90").await);
+        cache.mark_not_found("p/i/9", 3).await;
+        assert!(cache.is_not_found("p/i/9", 3).await);
+        assert!(
+            !cache.is_not_found("p/i/9", 4).await,
+            "an upload since (a later revision) makes the entry void"
+        );
+        assert!(!cache.is_not_found("p/i/90", 3).await);
         tokio::time::sleep(Duration::from_millis(150)).await;
-        assert!(!cache.is_not_found("p/i/9").await);
+        assert!(!cache.is_not_found("p/i/9", 3).await);
 
         for p in ["/p/i/1/w10.jpg", "/p/i/1/w20.jpg", "/p/i/12/w10.jpg"] {
             cache

@@ -3,10 +3,12 @@
 //! [`memory`] holds encoded variants in process (moka, weighed by bytes, single-flight per key) and
 //! the negative 404 entries; [`remote`] is the result store shared by every instance (object_store),
 //! read before rendering and written in the background after answering. [`Variant`] is what both
-//! tiers hold: the encoded bytes with the validators every response needs.
+//! tiers hold: the encoded bytes with the validators every response needs. [`revision`] keeps both
+//! tiers from serving what was made from an original that has since been replaced or deleted.
 
 pub mod memory;
 pub mod remote;
+pub mod revision;
 
 use std::time::SystemTime;
 
@@ -55,6 +57,9 @@ pub struct Variant {
     pub last_modified_header: HeaderValue,
     /// The tier it came from when it was loaded (a later memory hit reports `Memory`).
     pub loaded_from: Tier,
+    /// The revision of its original it was made from ([`revision::Revisions`]); a memory hit with an
+    /// older one is stale.
+    pub revision: u64,
 }
 
 impl Variant {
@@ -79,7 +84,14 @@ impl Variant {
             etag_header,
             last_modified_header,
             loaded_from,
+            revision: 0,
         }
+    }
+
+    /// The same variant, marked as made from `revision` of its original.
+    pub fn with_revision(mut self, revision: u64) -> Variant {
+        self.revision = revision;
+        self
     }
 }
 

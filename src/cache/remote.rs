@@ -17,6 +17,7 @@ use object_store::path::Path;
 use object_store::{Attribute, Attributes, ObjectStore, ObjectStoreExt, PutOptions, PutPayload};
 use tokio::sync::{mpsc, Notify, Semaphore};
 
+use super::revision::{self, Revisions};
 use super::{Tier, Variant};
 use crate::metrics as m;
 use crate::request::{CacheKey, Format};
@@ -50,6 +51,9 @@ pub struct RemoteStore {
     cache_control: String,
     tx: mpsc::Sender<Write>,
     stats: Arc<Stats>,
+    /// The originals' revisions: a queued write made from a replaced original is skipped, and one
+    /// that lands after the replacement is deleted again.
+    revisions: Arc<Revisions>,
 }
 
 #[derive(Default)]
@@ -83,9 +87,15 @@ impl RemoteStore {
             cache_control,
             tx,
             stats: Arc::new(Stats::default()),
+            revisions: Arc::new(Revisions::default()),
         };
         tokio::spawn(remote.clone().writer(rx, upload_concurrency.max(1)));
         remote
+    }
+
+    /// The originals' revisions this store's writer checks (the pipeline shares them).
+    pub fn revisions(&self) -> Arc<Revisions> {
+        self.revisions.clone()
     }
 
     /// The object path of a key.
@@ -170,7 +180,19 @@ impl RemoteStore {
             let this = self.clone();
             tokio::spawn(async move {
                 let _permit = permit;
+                let original = revision::original_of(write.key.as_str());
+                let current = || this.revisions.of_id(original) == write.variant.revision;
+                if !current() {
+                    // Made from an original replaced since: never stored.
+                    this.finish_one();
+                    return;
+                }
                 match this.put(&write.key, &write.variant).await {
+                    Ok(()) if !current() => {
+                        // The original was replaced while this write ran, and the replacement's
+                        // purge may have listed the store before it landed: take it back.
+                        let _ = this.store.delete(&this.path(&write.key)).await;
+                    }
                     Ok(()) => {
                         this.stats.writes.fetch_add(1, Ordering::Relaxed);
                         m::incr(m::CACHE_REMOTE_WRITE);

@@ -7,6 +7,7 @@ use figment::Figment;
 use serde::de::DeserializeOwned;
 
 use super::layers::{message_of, origin_in, origin_of};
+use super::values::Size;
 use super::{Config, ConfigError};
 
 /// One group of keys, read from the flat root. An error names the key, says what is wrong with the
@@ -41,6 +42,7 @@ pub(super) fn build(figment: &Figment) -> Result<Config, ConfigError> {
         timeouts: extract(figment)?,
         statsd: extract(figment)?,
         security: extract(figment)?,
+        uploads: extract(figment)?,
         logging: extract(figment)?,
     };
     let err = |key: &str, message: String| ConfigError::Invalid {
@@ -149,7 +151,29 @@ pub(super) fn build(figment: &Figment) -> Result<Config, ConfigError> {
         ));
     }
 
+    // Named versions and upload outputs must be servable under the URL rules.
+    let rules = c.rules();
+    for (name, file) in &c.requests.named_versions {
+        crate::request::ImageRequest::parse(&format!("/m/t/i/{file}"), &rules).map_err(|e| {
+            err(
+                "named_versions",
+                format!("{name} = {file:?} could never be served: {e} under the URL keys"),
+            )
+        })?;
+    }
+    for output in &c.uploads.upload_outputs {
+        crate::request::ImageRequest::parse(&format!("/m/t/i/{output}"), &rules).map_err(|e| {
+            err(
+                "upload_outputs",
+                format!("{output:?} is neither a named version nor a servable version file: {e}"),
+            )
+        })?;
+    }
+
     // Values that follow from others.
+    if c.uploads.max_upload_bytes.bytes() == 0 {
+        c.uploads.max_upload_bytes = Size::from_bytes(c.limits.max_source_bytes.bytes());
+    }
     let capacity = &mut c.capacity;
     if capacity.processing_concurrency == 0 {
         capacity.processing_concurrency =

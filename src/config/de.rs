@@ -6,14 +6,14 @@
 
 use std::time::Duration;
 
-use serde::de::{self, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde::{Deserialize, Serializer};
 
 use super::values::{
     host_name, parse_colour, parse_duration, parse_size, FromText, Secret, Size, StoreUrl,
 };
 use crate::image::Gravity;
-use crate::request::Format;
+use crate::request::{Format, Rules};
 
 /// Timeouts beyond a day are typos; they also keep `Instant + timeout` far from overflow.
 const MAX_TIMEOUT: Duration = Duration::from_secs(86_400);
@@ -35,8 +35,8 @@ pub(super) enum Raw {
     Text(String),
     /// A list.
     List(Vec<Raw>),
-    /// A table: no key takes one.
-    Table,
+    /// A table (`named_versions`), its entries in order.
+    Table(Vec<(String, Raw)>),
 }
 
 impl Raw {
@@ -48,7 +48,7 @@ impl Raw {
             Raw::Bool(b) => b.to_string(),
             Raw::Text(s) => format!("{s:?}"),
             Raw::List(_) => "a list".to_owned(),
-            Raw::Table => "a table".to_owned(),
+            Raw::Table(_) => "a table".to_owned(),
         }
     }
 }
@@ -111,8 +111,11 @@ impl<'de> Visitor<'de> for RawVisitor {
         Ok(Raw::List(items))
     }
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Raw, A::Error> {
-        while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
-        Ok(Raw::Table)
+        let mut entries = Vec::new();
+        while let Some((key, value)) = map.next_entry::<String, Raw>()? {
+            entries.push((key, value));
+        }
+        Ok(Raw::Table(entries))
     }
 }
 
@@ -170,7 +173,7 @@ pub(super) fn boolean<'de, D: Deserializer<'de>>(d: D) -> Result<bool, D::Error>
 fn raw_text(raw: Raw) -> Result<String, String> {
     match raw {
         Raw::Text(s) => Ok(s),
-        Raw::List(_) | Raw::Table => Err(format!("expected a string, got {}", raw.show())),
+        Raw::List(_) | Raw::Table(_) => Err(format!("expected a string, got {}", raw.show())),
         _ => Err("expected a string (in quotes)".to_owned()),
     }
 }
@@ -254,6 +257,46 @@ fn items(raw: Raw) -> Result<Vec<String>, String> {
         .collect())
 }
 
+/// A list of strings, trimmed, each once (text: comma-separated).
+pub(super) fn list<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    read(d, |raw| {
+        let mut out = Vec::new();
+        for item in items(raw)? {
+            if !out.contains(&item) {
+                out.push(item);
+            }
+        }
+        Ok(out)
+    })
+}
+
+/// Web origins as browsers send them in `Origin`: `scheme://host[:port]`, lower-cased, no path.
+pub(super) fn web_origins<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    read(d, |raw| {
+        let mut out = Vec::new();
+        for item in items(raw)? {
+            let bad = || format!("expected origins such as https://app.example.com, got {item:?}");
+            let url = url::Url::parse(&item).map_err(|_| bad())?;
+            let plain = matches!(url.scheme(), "http" | "https")
+                && url.host_str().is_some()
+                && url.username().is_empty()
+                && url.password().is_none()
+                && url.path() == "/"
+                && url.query().is_none()
+                && url.fragment().is_none()
+                && !item.trim_end_matches('/').ends_with(':');
+            if !plain {
+                return Err(bad());
+            }
+            let origin = url.origin().ascii_serialization();
+            if !out.contains(&origin) {
+                out.push(origin);
+            }
+        }
+        Ok(out)
+    })
+}
+
 /// Host names, lower-cased, each once (`allowed_source_hosts`, `source_redirect_hosts`).
 pub(super) fn hosts<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
     read(d, |raw| {
@@ -312,6 +355,64 @@ pub(super) fn version_names<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Strin
             }
         }
         Ok(names)
+    })
+}
+
+/// `named_versions`: a table of `name = "version file"` (`thumb = "x150.jpg"`), or text
+/// `thumb=x150.jpg,card=300x400.jpg` (environment, flags). Names are 1–32 of `[A-Za-z0-9_-]`; each
+/// file must have the form of an image URL's last segment. Whether the rules allow it is checked
+/// with the other keys.
+pub(super) fn named_versions<'de, D: Deserializer<'de>>(
+    d: D,
+) -> Result<std::collections::BTreeMap<String, String>, D::Error> {
+    read(d, |raw| {
+        let entries: Vec<(String, Raw)> = match raw {
+            Raw::Table(entries) => entries,
+            Raw::List(list) if list.is_empty() => Vec::new(),
+            Raw::Text(text) => {
+                let mut entries = Vec::new();
+                for pair in text.split(',').filter(|p| !p.trim().is_empty()) {
+                    let (name, file) = pair.split_once('=').ok_or_else(|| {
+                        format!("expected name=version pairs such as thumb=x150.jpg, got {pair:?}")
+                    })?;
+                    entries.push((name.trim().to_owned(), Raw::Text(file.trim().to_owned())));
+                }
+                entries
+            }
+            other => {
+                return Err(format!(
+                    "expected a table such as {{ thumb = \"x150.jpg\" }}, got {}",
+                    other.show()
+                ))
+            }
+        };
+        let mut named = std::collections::BTreeMap::new();
+        for (name, file) in entries {
+            let valid_name = (1..=32).contains(&name.len())
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+            if !valid_name {
+                return Err(format!(
+                    "{name:?} is not a version name (1 to 32 letters, digits, _ or -)"
+                ));
+            }
+            let Raw::Text(file) = file else {
+                return Err(format!(
+                    "{name}: expected a version file such as \"x150.jpg\""
+                ));
+            };
+            let file = file.trim().to_owned();
+            if crate::request::ImageRequest::parse(&format!("/m/t/i/{file}"), &Rules::lenient())
+                .is_err()
+            {
+                return Err(format!(
+                    "{name} = {file:?} is not a version file (such as x150.jpg or w1200-q85.jpg)"
+                ));
+            }
+            named.insert(name, file);
+        }
+        Ok(named)
     })
 }
 

@@ -5,6 +5,7 @@
 //! alone, and a test keeps that file and these declarations in agreement. Rules that involve more
 //! than one key live in `check.rs`.
 
+use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::time::Duration;
 
@@ -124,6 +125,10 @@ pub struct Requests {
     /// When not empty, the only versions served, as canonical names (`x300` is `300x300`).
     #[serde(deserialize_with = "de::version_names")]
     pub allowed_sizes: Vec<String>,
+    /// Names for version files: `/{model}/{type}/{id}/thumb` answers what `…/x150.jpg` answers,
+    /// from the same cache entry.
+    #[serde(deserialize_with = "de::named_versions")]
+    pub named_versions: BTreeMap<String, String>,
 }
 
 /// How results are encoded.
@@ -310,6 +315,44 @@ pub struct Security {
     /// Bearer token of the status port's `POST /purge/…`; `None` turns the endpoint off.
     #[serde(deserialize_with = "de::strong_secret")]
     pub admin_token: Option<Secret>,
+}
+
+/// Originals taken in on the image port: `PUT`, `POST` and `DELETE` of `/{model}/{type}/{id}`.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+pub struct Uploads {
+    /// Bearer token that authorises uploads and deletes; `None` (with no signing key) turns the
+    /// endpoints off.
+    #[serde(deserialize_with = "de::strong_secret")]
+    pub upload_token: Option<Secret>,
+    /// Key of signed upload URLs (`?expires=…&s=…`), for browsers uploading straight here.
+    #[serde(deserialize_with = "de::strong_secret")]
+    pub upload_signing_key: Option<Secret>,
+    /// Origins (`https://app.example.com`) whose pages may upload with a signed URL (CORS).
+    #[serde(deserialize_with = "de::web_origins")]
+    pub upload_cors_origins: Vec<String>,
+    /// Largest upload body; 0 means `max_source_bytes` (resolved when loaded).
+    #[serde(deserialize_with = "de::size::<_, 1, 0>")]
+    pub max_upload_bytes: Size<1>,
+    /// Formats accepted, detected from the bytes (never from `Content-Type`); others answer 415.
+    #[serde(with = "de::extensions")]
+    pub upload_formats: Vec<Format>,
+    /// Versions rendered after an upload that names no `outputs=`: names from `named_versions` or
+    /// version files. Empty means every named version.
+    #[serde(deserialize_with = "de::list")]
+    pub upload_outputs: Vec<String>,
+    /// Uploads read and checked at once; more answer 503.
+    #[serde(deserialize_with = "de::int::<_, _, 1, MAX_WORKERS>")]
+    pub max_concurrent_uploads: usize,
+    /// Time for a client to send a whole upload body; slower answers 408.
+    #[serde(with = "de::timeout")]
+    pub upload_timeout: Duration,
+}
+
+impl Uploads {
+    /// Whether the upload endpoints answer at all (a token or a signing key is set).
+    pub fn enabled(&self) -> bool {
+        self.upload_token.is_some() || self.upload_signing_key.is_some()
+    }
 }
 
 /// Logs.

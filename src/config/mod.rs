@@ -25,7 +25,7 @@ mod values;
 
 pub use self::groups::{
     Caching, Capacity, Limits, Listen, Logging, Originals, Prerender, Rendering, Requests,
-    S3Config, Security, Statsd, Timeouts,
+    S3Config, Security, Statsd, Timeouts, Uploads,
 };
 pub use self::layers::{
     env_var, load, load_from, load_layers, FileSource, DEFAULT_TOML, ENV_PREFIX,
@@ -73,6 +73,9 @@ pub struct Config {
     /// `?source=`, URL signing, the purge token.
     #[serde(flatten)]
     pub security: Security,
+    /// Uploads and deletes of originals.
+    #[serde(flatten)]
+    pub uploads: Uploads,
     /// Logs.
     #[serde(flatten)]
     pub logging: Logging,
@@ -93,6 +96,7 @@ pub fn keys() -> Vec<&'static str> {
         field_names::<Timeouts>(),
         field_names::<Statsd>(),
         field_names::<Security>(),
+        field_names::<Uploads>(),
         field_names::<Logging>(),
     ]
     .concat()
@@ -266,6 +270,7 @@ impl Config {
             whitelist: r.whitelisted_extensions.clone(),
             default_quality: self.default_quality(),
             allowed_sizes: Some(r.allowed_sizes.clone()).filter(|s| !s.is_empty()),
+            named: r.named_versions.clone(),
         }
     }
 

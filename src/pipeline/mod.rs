@@ -17,6 +17,7 @@ use moka::future::Cache;
 use crate::budget::{BudgetConfig, Budgets};
 use crate::cache::memory::{MemoryCache, Outcome};
 use crate::cache::remote::RemoteStore;
+use crate::cache::revision::Revisions;
 use crate::cache::{Tier, Variant};
 use crate::config::Config;
 use crate::error::Error;
@@ -31,6 +32,9 @@ mod origin;
 mod prerender;
 
 pub use self::origin::Origin;
+
+/// An original's bytes in the originals cache, with the revision the download started at.
+type Original = (u64, Bytes);
 
 /// How long a downloaded original stays in memory without being asked for again. Replaced images
 /// are dropped at once by `purge`; this bounds staleness when nobody purges.
@@ -49,7 +53,7 @@ struct Inner {
     processor: Processor,
     memory: MemoryCache,
     remote: Option<RemoteStore>,
-    originals: Cache<String, Bytes>,
+    originals: Cache<String, Original>,
     /// Every bound on concurrent work, shared with `processor`.
     budgets: Arc<Budgets>,
     /// The `?source=` override's rules and client; `None` refuses every override.
@@ -70,6 +74,9 @@ struct Inner {
     lane: prerender::Lane,
     /// The URL rules, for the versions the background lane renders.
     rules: Rules,
+    /// The originals' revisions (shared with the result store's writer): what was made from a
+    /// replaced or deleted original is never served again.
+    revisions: Arc<Revisions>,
 }
 
 /// What answered a request.
@@ -141,9 +148,13 @@ impl Pipeline {
             config.caching.memory_cache_max_entry_kb.bytes(),
             config.caching.not_found_ttl,
         );
+        let revisions = remote
+            .as_ref()
+            .map(RemoteStore::revisions)
+            .unwrap_or_default();
         let originals = Cache::builder()
             .max_capacity(config.caching.originals_cache_mb.bytes())
-            .weigher(|_k: &String, v: &Bytes| u32::try_from(v.len()).unwrap_or(u32::MAX))
+            .weigher(|_k: &String, v: &Original| u32::try_from(v.1.len()).unwrap_or(u32::MAX))
             .time_to_idle(ORIGINAL_IDLE_TTL)
             .support_invalidation_closures()
             .build();
@@ -166,6 +177,7 @@ impl Pipeline {
                 prerender_count,
                 lane: prerender::Lane::default(),
                 rules,
+                revisions,
             }),
         }
     }
@@ -185,12 +197,17 @@ impl Pipeline {
     ) -> Result<Served, Error> {
         let inner = &self.inner;
         let key = origin.result_key(req, format);
+        let revision = inner.revisions.of(&req.model, &req.kind, &req.id);
         if let Some(variant) = inner.memory.get(&key).await {
-            m::incr(m::CACHE_MEMORY_HIT);
-            return Ok(Served {
-                variant,
-                tier: Tier::Memory,
-            });
+            if variant.revision == revision {
+                m::incr(m::CACHE_MEMORY_HIT);
+                return Ok(Served {
+                    variant,
+                    tier: Tier::Memory,
+                });
+            }
+            // Made from an original replaced since: gone, and loaded again below.
+            inner.memory.remove(&key).await;
         }
         m::incr(m::CACHE_MEMORY_MISS);
         // Boxed: everything below (the single-flight wait, the load it may start) would otherwise be
@@ -208,15 +225,25 @@ impl Pipeline {
     ) -> Result<Served, Error> {
         let inner = &self.inner;
         let original = origin.negative_key(req);
-        if inner.memory.is_not_found(&original).await {
+        let revision = inner.revisions.of(&req.model, &req.kind, &req.id);
+        if inner.memory.is_not_found(&original, revision).await {
             return Err(SourceError::NotFound.into());
         }
         // Held until this requester has its answer or goes away (the future is dropped).
         let waiter = inner.waiting.join(&key);
         let mut result = self.shared_load(req, format, origin, &key, &waiter).await;
-        if matches!(result, Err(Error::Image(ImageError::Abandoned))) {
-            // This requester joined a load in the instant it was dropped for having nobody waiting:
-            // start one of its own.
+        for _ in 0..2 {
+            match &result {
+                // This requester joined a load in the instant it was dropped for having nobody
+                // waiting: start one of its own.
+                Err(Error::Image(ImageError::Abandoned)) => {}
+                // It joined a load (or found an entry) made from the original before a
+                // replacement that happened before this request: load the current one.
+                Ok((variant, _)) if variant.revision < revision => {
+                    inner.memory.remove(&key).await;
+                }
+                _ => break,
+            }
             result = self.shared_load(req, format, origin, &key, &waiter).await;
         }
         drop(waiter);
@@ -230,7 +257,7 @@ impl Pipeline {
             }
             Err(e) => {
                 if e.is_not_found() {
-                    inner.memory.mark_not_found(&original).await;
+                    inner.memory.mark_not_found(&original, revision).await;
                 }
                 Err(e)
             }
@@ -390,6 +417,23 @@ impl Pipeline {
         Ok(())
     }
 
+    /// After the original of `original` (`model/type/id`) was replaced or deleted in the source:
+    /// nothing made from the old one is served again. Its revision goes up first (so renders still
+    /// running cannot bring old variants back: see [`crate::cache::revision`]), then its memory
+    /// entries and stored variants are dropped. Returns how many stored variants were deleted.
+    pub async fn forget_original(&self, original: &str) -> Result<usize, Error> {
+        self.inner.revisions.bump(original);
+        self.purge_memory(original)?;
+        match &self.inner.remote {
+            Some(remote) => remote
+                .delete_original(original)
+                .await
+                .map(|deleted| deleted.len())
+                .map_err(|e| Error::Internal(format!("result store: {e}"))),
+            None => Ok(0),
+        }
+    }
+
     /// The source in use.
     pub fn source(&self) -> &Source {
         &self.inner.source
@@ -426,16 +470,19 @@ impl Inner {
         waiters: Arc<AtomicUsize>,
     ) -> Result<Arc<Variant>, Error> {
         let key = origin.result_key(&req, format);
+        // Taken before anything is read: a replacement from here on makes this load's result stale.
+        let revision = this.revisions.of(&req.model, &req.kind, &req.id);
         let _sibling = this.siblings.enter(origin.originals_key(&req));
         if let Some(remote) = &this.remote {
             match remote.get(&key).await {
-                Ok(Some(variant)) => return Ok(Arc::new(variant)),
+                Ok(Some(variant)) => return Ok(Arc::new(variant.with_revision(revision))),
                 Ok(None) => {}
                 // A broken store costs a miss, never the response.
                 Err(e) => this.store_warning.warn(&e),
             }
         }
-        let variant = Arc::new(this.render(&req, format, &origin, Some(&waiters)).await?);
+        let variant = this.render(&req, format, &origin, Some(&waiters)).await?;
+        let variant = Arc::new(variant.with_revision(revision));
         if let Some(remote) = &this.remote {
             remote.enqueue(key, variant.clone());
         }
@@ -559,9 +606,31 @@ impl Inner {
         }
     }
 
-    /// The original's bytes: from the originals cache, or one download shared by every caller.
+    /// The original's bytes: from the originals cache, or one download shared by every caller. Bytes
+    /// kept from before a replacement of the original are dropped and fetched again.
     async fn original(&self, req: &ImageRequest, origin: &Origin) -> Result<Bytes, Error> {
         let id = origin.originals_key(req);
+        for _ in 0..2 {
+            let revision = self.revisions.of(&req.model, &req.kind, &req.id);
+            let (made_at, bytes) = self.fetch_original(req, origin, &id, revision).await?;
+            if made_at == revision {
+                return Ok(bytes);
+            }
+            self.originals.invalidate(&id).await;
+        }
+        // Replaced twice while fetching: serve what was fetched; it is never cached as current.
+        let revision = self.revisions.of(&req.model, &req.kind, &req.id);
+        Ok(self.fetch_original(req, origin, &id, revision).await?.1)
+    }
+
+    /// One shared download into the originals cache, marked with the revision it started at.
+    async fn fetch_original(
+        &self,
+        req: &ImageRequest,
+        origin: &Origin,
+        id: &str,
+        revision: u64,
+    ) -> Result<Original, Error> {
         let fetch = async {
             // Under the caller's staging place, which bounds how many downloads run.
             let download = self.budgets.download().await;
@@ -579,7 +648,7 @@ impl Inner {
             match result {
                 Ok(bytes) => {
                     m::incr(m::ORIGINAL_DOWNLOADED);
-                    Ok(bytes)
+                    Ok((revision, bytes))
                 }
                 Err(err) => {
                     // Missing (404/410), failed (5xx, reset, truncated) or too slow: the source could
@@ -592,7 +661,7 @@ impl Inner {
             }
         };
         self.originals
-            .try_get_with(id, fetch)
+            .try_get_with(id.to_owned(), fetch)
             .await
             .map_err(|shared| (*shared).clone())
     }

@@ -29,6 +29,8 @@ pub(super) const LANE_QUEUE: usize = 64;
 pub(super) struct Job {
     reqs: Vec<ImageRequest>,
     original: Bytes,
+    /// The revision of the original the bytes are (the renders are marked with it).
+    revision: u64,
 }
 
 /// The lane's queue; its worker starts with the first job (the pipeline may be built outside a
@@ -111,7 +113,7 @@ impl Inner {
         if others.is_empty() {
             return;
         }
-        let Some(original) = self.originals.get(&req.original_id()).await else {
+        let Some((revision, original)) = self.originals.get(&req.original_id()).await else {
             // Already evicted: fetching it again is foreground work.
             count_n("skipped", others.len());
             return;
@@ -124,6 +126,7 @@ impl Inner {
             .try_send(Job {
                 reqs: others,
                 original,
+                revision,
             })
             .is_err()
         {
@@ -164,12 +167,8 @@ impl Inner {
         for ((_, key), result) in todo.into_iter().zip(rendered) {
             match result {
                 Ok(r) if !r.bytes.is_empty() => {
-                    let variant = Arc::new(Variant::new(
-                        r.bytes,
-                        r.format,
-                        SystemTime::now(),
-                        Tier::Miss,
-                    ));
+                    let variant = Variant::new(r.bytes, r.format, SystemTime::now(), Tier::Miss);
+                    let variant = Arc::new(variant.with_revision(job.revision));
                     self.memory.insert(key.clone(), variant.clone()).await;
                     if let Some(remote) = &self.remote {
                         remote.enqueue(key, variant);

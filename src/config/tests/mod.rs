@@ -465,3 +465,45 @@ fn unknown_keys_suggest_the_close_one() {
 
 mod files;
 mod values;
+
+#[test]
+fn named_versions_and_upload_keys() {
+    let c = ok(load_layers(
+        &inline(
+            "named.toml",
+            "source_store = \"memory://\"\nmax_source_bytes = \"2MB\"\n\
+             named_versions = { thumb = \"x150.jpg\", zoom = \"w1200-q85.jpg\" }\n\
+             upload_outputs = [\"thumb\", \"w300.webp\"]\n\
+             upload_cors_origins = [\"HTTPS://App.Example.com/\"]\n",
+        ),
+        Vec::new(),
+        &[],
+    ));
+    assert_eq!(
+        c.requests.named_versions.get("thumb").map(String::as_str),
+        Some("x150.jpg")
+    );
+    assert_eq!(c.requests.named_versions.len(), 2);
+    assert_eq!(c.uploads.upload_outputs, ["thumb", "w300.webp"]);
+    assert_eq!(c.uploads.upload_cors_origins, ["https://app.example.com"]);
+    assert_eq!(
+        c.uploads.max_upload_bytes.bytes(),
+        2 * 1024 * 1024,
+        "0 means max_source_bytes"
+    );
+    assert!(!c.uploads.enabled(), "no token and no signing key: off");
+    // The text form (environment, --set) reads the same.
+    let c = ok(with(&[(
+        "named_versions",
+        "thumb=x150.jpg, card=300x400.jpg",
+    )]));
+    assert_eq!(
+        c.requests.named_versions.get("card").map(String::as_str),
+        Some("300x400.jpg")
+    );
+    let rules = c.rules();
+    let named = crate::request::ImageRequest::parse("/p/i/1/thumb", &rules).expect("named");
+    let plain = crate::request::ImageRequest::parse("/p/i/1/x150.jpg", &rules).expect("plain");
+    assert_eq!(named.cache_key(named.format), plain.cache_key(plain.format));
+    assert!(crate::request::ImageRequest::parse("/p/i/1/nameless", &rules).is_err());
+}
