@@ -40,6 +40,8 @@ pub struct App {
     /// The open connections of each port (the server evicts idle ones from them; the status page
     /// counts them).
     pub rooms: Rooms,
+    /// The upload endpoints' places and per-id locks.
+    pub(crate) uploads: crate::upload::Uploads,
 }
 
 /// The open connections of both ports.
@@ -97,6 +99,7 @@ impl App {
         let cache_control = HeaderValue::from_str(&config.caching.cache_control)
             .unwrap_or(HeaderValue::from_static("public, max-age=31536000"));
         App {
+            uploads: crate::upload::Uploads::new(&config),
             rules: config.rules(),
             pipeline: Pipeline::new(config.clone(), source, remote, guard),
             config,

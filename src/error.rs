@@ -10,6 +10,7 @@ use http::StatusCode;
 use crate::image::ImageError;
 use crate::request::RequestError;
 use crate::source::SourceError;
+use crate::upload::UploadError;
 
 /// Every way a request can fail.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -23,6 +24,9 @@ pub enum Error {
     /// Rendering failed.
     #[error(transparent)]
     Image(#[from] ImageError),
+    /// An upload or delete was refused.
+    #[error(transparent)]
+    Upload(#[from] UploadError),
     /// A method other than GET or HEAD.
     #[error("method not allowed")]
     MethodNotAllowed,
@@ -49,6 +53,7 @@ impl Error {
         use ImageError as I;
         use RequestError as R;
         use SourceError as S;
+        use UploadError as U;
         match self {
             Error::Request(R::NoRoute | R::UnknownVersion) => StatusCode::NOT_FOUND,
             Error::Request(R::OutOfRange) => StatusCode::BAD_REQUEST,
@@ -68,6 +73,17 @@ impl Error {
             Error::Image(I::Timeout) => StatusCode::GATEWAY_TIMEOUT,
             Error::Image(I::Overloaded | I::Abandoned) => StatusCode::SERVICE_UNAVAILABLE,
             Error::Image(I::Internal(_)) => StatusCode::INTERNAL_SERVER_ERROR,
+            Error::Upload(U::NoSourceStore) => StatusCode::METHOD_NOT_ALLOWED,
+            Error::Upload(U::Unauthorized) => StatusCode::UNAUTHORIZED,
+            Error::Upload(U::Forbidden) => StatusCode::FORBIDDEN,
+            Error::Upload(U::TooLarge) => StatusCode::PAYLOAD_TOO_LARGE,
+            Error::Upload(U::Timeout) => StatusCode::REQUEST_TIMEOUT,
+            Error::Upload(U::Aborted | U::BadRequest(_)) => StatusCode::BAD_REQUEST,
+            Error::Upload(U::Format) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Error::Upload(U::Invalid(_)) => StatusCode::UNPROCESSABLE_ENTITY,
+            Error::Upload(U::Precondition) => StatusCode::PRECONDITION_FAILED,
+            Error::Upload(U::Busy | U::Store(_)) => StatusCode::SERVICE_UNAVAILABLE,
+            Error::Upload(U::Missing) => StatusCode::NOT_FOUND,
             Error::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Error::SourceRefused | Error::BadSignature => StatusCode::FORBIDDEN,
             Error::Timeout => StatusCode::GATEWAY_TIMEOUT,
@@ -81,6 +97,7 @@ impl Error {
         use ImageError as I;
         use RequestError as R;
         use SourceError as S;
+        use UploadError as U;
         match self {
             Error::Request(R::NoRoute) => "no_route",
             Error::Request(R::UnknownVersion) => "unknown_version",
@@ -103,6 +120,19 @@ impl Error {
             Error::Image(I::Overloaded) => "overloaded",
             Error::Image(I::Abandoned) => "abandoned",
             Error::Image(I::Internal(_)) => "render",
+            Error::Upload(U::NoSourceStore) => "upload_no_store",
+            Error::Upload(U::Unauthorized) => "unauthorized",
+            Error::Upload(U::Forbidden) => "forbidden",
+            Error::Upload(U::TooLarge) => "upload_too_large",
+            Error::Upload(U::Timeout) => "upload_timeout",
+            Error::Upload(U::Aborted) => "upload_aborted",
+            Error::Upload(U::BadRequest(_)) => "upload_request",
+            Error::Upload(U::Format) => "upload_format",
+            Error::Upload(U::Invalid(_)) => "upload_invalid",
+            Error::Upload(U::Precondition) => "precondition",
+            Error::Upload(U::Busy) => "upload_busy",
+            Error::Upload(U::Store(_)) => "upload_store",
+            Error::Upload(U::Missing) => "upload_missing",
             Error::MethodNotAllowed => "method",
             Error::SourceRefused => "source_refused",
             Error::BadSignature => "signature",
@@ -119,12 +149,21 @@ impl Error {
             StatusCode::BAD_REQUEST => "bad request\n",
             StatusCode::NOT_ACCEPTABLE => "not acceptable\n",
             StatusCode::FORBIDDEN => "forbidden\n",
-            StatusCode::METHOD_NOT_ALLOWED => "method not allowed\n",
+            StatusCode::METHOD_NOT_ALLOWED => match self {
+                Error::Upload(UploadError::NoSourceStore) => "uploads need source_store\n",
+                _ => "method not allowed\n",
+            },
+            StatusCode::UNAUTHORIZED => "unauthorized\n",
+            StatusCode::PAYLOAD_TOO_LARGE => "payload too large\n",
+            StatusCode::REQUEST_TIMEOUT => "request timeout\n",
+            StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported media type\n",
+            StatusCode::PRECONDITION_FAILED => "precondition failed\n",
             StatusCode::UNPROCESSABLE_ENTITY => "unprocessable image\n",
             StatusCode::BAD_GATEWAY => "bad gateway\n",
             StatusCode::GATEWAY_TIMEOUT => "gateway timeout\n",
             StatusCode::SERVICE_UNAVAILABLE => match self {
                 Error::ShuttingDown => "shutting down\n",
+                Error::Upload(UploadError::Store(_)) => "store unavailable\n",
                 _ => "overloaded\n",
             },
             _ => "internal error\n",
@@ -154,6 +193,7 @@ mod tests {
         use ImageError as I;
         use RequestError as R;
         use SourceError as S;
+        use UploadError as U;
         let table: Vec<(Error, u16, &str)> = vec![
             (R::NoRoute.into(), 404, "not found\n"),
             (R::UnknownVersion.into(), 404, "not found\n"),
@@ -182,6 +222,23 @@ mod tests {
             (Error::Timeout, 504, "gateway timeout\n"),
             (Error::ShuttingDown, 503, "shutting down\n"),
             (Error::Internal("x".into()), 500, "internal error\n"),
+            (U::NoSourceStore.into(), 405, "uploads need source_store\n"),
+            (U::Unauthorized.into(), 401, "unauthorized\n"),
+            (U::Forbidden.into(), 403, "forbidden\n"),
+            (U::TooLarge.into(), 413, "payload too large\n"),
+            (U::Timeout.into(), 408, "request timeout\n"),
+            (U::Aborted.into(), 400, "bad request\n"),
+            (U::BadRequest("x").into(), 400, "bad request\n"),
+            (U::Format.into(), 415, "unsupported media type\n"),
+            (
+                U::Invalid(I::Undecodable).into(),
+                422,
+                "unprocessable image\n",
+            ),
+            (U::Precondition.into(), 412, "precondition failed\n"),
+            (U::Busy.into(), 503, "overloaded\n"),
+            (U::Store("x".into()).into(), 503, "store unavailable\n"),
+            (U::Missing.into(), 404, "not found\n"),
         ];
         let mut kinds = std::collections::HashSet::new();
         for (err, status, body) in table {

@@ -36,3 +36,4 @@ pub mod service;
 pub mod signature;
 pub mod source;
 pub mod status;
+pub mod upload;

@@ -62,6 +62,9 @@ pub const PROCESSING_CURRENT: &str = "processing.current";
 pub const PRERENDER: &str = "prerender";
 /// Counter: restarts on SIGHUP, by outcome: `restart.{ok,failed}`.
 pub const RESTART: &str = "restart";
+/// Counter: originals taken in and removed, by outcome:
+/// `upload.{created,replaced,deleted,output.rendered,output.failed}`.
+pub const UPLOAD: &str = "upload";
 /// Gauge: original downloads running now.
 pub const DOWNLOADS_CURRENT: &str = "downloads.current";
 /// Gauge: renders waiting for a pool slot.
@@ -121,6 +124,10 @@ pub const COUNTERS: &[(&str, &str)] = &[
     (
         RESTART,
         "restarts on SIGHUP: restart.{ok,failed}",
+    ),
+    (
+        UPLOAD,
+        "originals uploaded and deleted: upload.{created,replaced,deleted,output.rendered,output.failed}",
     ),
     (
         CONNECTION_CLOSED,

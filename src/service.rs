@@ -15,6 +15,7 @@ use headers::{ContentRange, HeaderMapExt};
 use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::Full;
+use hyper::body::Body as HttpBody;
 
 use crate::app::App;
 use crate::cache::Tier;
@@ -24,6 +25,7 @@ use crate::metrics as m;
 use crate::pipeline::{Origin, Served};
 use crate::request::{Format, ImageRequest};
 use crate::source::guard::{Refusal, SourceUrl};
+use crate::upload::UploadError;
 
 /// `X-Cache`: which tier answered (`memory`, `remote`, `miss`).
 const X_CACHE: header::HeaderName = header::HeaderName::from_static("x-cache");
@@ -50,10 +52,17 @@ pub type Body = Full<Bytes>;
 
 impl App {
     /// Answers one request on the image port. Never fails: every error becomes a response.
-    pub async fn handle<B>(self: Arc<Self>, req: Request<B>) -> Response<Body> {
+    pub async fn handle<B>(self: Arc<Self>, req: Request<B>) -> Response<Body>
+    where
+        B: HttpBody<Data = Bytes>,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
         let started = Instant::now();
         m::incr(m::REQUEST);
         let mut negotiable = false;
+        if crate::upload::is_upload_method(req.method()) {
+            return self.handle_upload(req, started).await;
+        }
         let result = self.answer(&req, &mut negotiable).await;
         let (mut response, tier, kind) = match result {
             Ok((response, tier)) => (response, Some(tier), None),
@@ -78,6 +87,74 @@ impl App {
                 .headers_mut()
                 .insert(header::VARY, HeaderValue::from_static("Accept"));
         }
+        self.finish(&req, response, started, tier, kind)
+    }
+
+    /// Uploads, deletes and their CORS preflights ([`crate::upload`]): never stored by a cache, and
+    /// allowed to the pages of `upload_cors_origins`.
+    async fn handle_upload<B>(&self, req: Request<B>, started: Instant) -> Response<Body>
+    where
+        B: HttpBody<Data = Bytes>,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        // What the log line and CORS need, before the body is taken.
+        let (parts, body) = req.into_parts();
+        let cors = self.cors_origin(&parts.headers);
+        let head = Request::from_parts(parts.clone(), ());
+        let result = self.upload(Request::from_parts(parts, body)).await;
+        let (mut response, kind) = match result {
+            Ok(response) => (response, None),
+            Err(err) => {
+                m::incr_with(m::REJECTED, err.kind());
+                if err.status().is_server_error() {
+                    tracing::warn!(error = %err, kind = err.kind(), "upload failed");
+                }
+                let mut response = self.error_response(&err, false);
+                let headers = response.headers_mut();
+                match &err {
+                    Error::Upload(UploadError::Unauthorized) => {
+                        headers
+                            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+                    }
+                    // The body was not read (or not all of it): the connection cannot be reused.
+                    Error::Upload(
+                        UploadError::TooLarge | UploadError::Timeout | UploadError::Aborted,
+                    ) => {
+                        headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+                    }
+                    _ => {}
+                }
+                (response, Some(err.kind()))
+            }
+        };
+        let headers = response.headers_mut();
+        headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        if let Some(origin) = cors {
+            headers.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
+            headers.insert(
+                header::ACCESS_CONTROL_EXPOSE_HEADERS,
+                HeaderValue::from_static("etag, location"),
+            );
+            headers.append(header::VARY, HeaderValue::from_static("Origin"));
+        }
+        if !response.headers().contains_key(header::CONTENT_LENGTH) {
+            let len = response.body().size_hint().exact().unwrap_or(0);
+            response
+                .headers_mut()
+                .insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+        }
+        self.finish(&head, response, started, None, kind)
+    }
+
+    /// The common end of every image-port answer: hand-over, counters, the log line.
+    fn finish<B>(
+        &self,
+        req: &Request<B>,
+        mut response: Response<Body>,
+        started: Instant,
+        tier: Option<Tier>,
+        kind: Option<&'static str>,
+    ) -> Response<Body> {
         if self.handing_over.load(Ordering::Acquire) {
             // A successor serves new connections: this one closes after this answer.
             response
@@ -297,7 +374,9 @@ impl App {
             builder.header(header::CACHE_CONTROL, self.error_cache_control.clone())
         };
         match err {
-            Error::MethodNotAllowed => builder = builder.header(header::ALLOW, "GET, HEAD"),
+            Error::MethodNotAllowed | Error::Upload(UploadError::NoSourceStore) => {
+                builder = builder.header(header::ALLOW, "GET, HEAD")
+            }
             Error::ShuttingDown => builder = builder.header(header::CONNECTION, "close"),
             _ => {}
         }

@@ -27,6 +27,20 @@ fn extract<T: DeserializeOwned>(figment: &Figment) -> Result<T, ConfigError> {
     })
 }
 
+/// What a valid configuration may still get wrong, for the operator: logged at start-up and
+/// printed by `check-config`.
+pub(super) fn warnings(c: &Config) -> Vec<String> {
+    let mut out = Vec::new();
+    if c.uploads.enabled() && c.originals.source_store.is_none() {
+        out.push(
+            "upload_token or upload_signing_key is set, but originals come from source_domain: \
+             uploads answer 405 until source_store is set"
+                .to_owned(),
+        );
+    }
+    out
+}
+
 /// Extracts every group and checks the rules between keys.
 pub(super) fn build(figment: &Figment) -> Result<Config, ConfigError> {
     let mut c = Config {

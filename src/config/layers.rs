@@ -182,6 +182,7 @@ fn load_with(
     }
 
     let config = check::build(&figment)?;
+    report.warnings.extend(check::warnings(&config));
     let origins = keys()
         .into_iter()
         .map(|k| {

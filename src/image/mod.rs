@@ -267,6 +267,26 @@ impl Processor {
             .await
     }
 
+    /// What a render of `original` would start from, read on a blocking thread without a slot and
+    /// without decoding a pixel: its format, upright size (EXIF orientation applied), and the
+    /// refusals of [`vips::inspect`] (a format we do not load, a header over the pixel or side
+    /// limits, too many JPEG scans).
+    pub async fn inspect_upright(
+        &self,
+        original: Bytes,
+    ) -> Result<(Format, geometry::Size), ImageError> {
+        let limits = self.limits();
+        let inspection = tokio::task::spawn_blocking(move || vips::inspect(&original, &limits))
+            .await
+            .map_err(|e| ImageError::Internal(format!("inspect task: {e}")))??;
+        let upright = if geometry::swaps_sides(inspection.orientation) {
+            inspection.stored.transposed()
+        } else {
+            inspection.stored
+        };
+        Ok((inspection.format, upright))
+    }
+
     /// Renders with a `ticket` taken earlier from [`Budgets::admit`] (and staged, when the original
     /// was fetched under it). `company`: other versions of this original are being asked for right
     /// now, so a group it leads is likely to gain members while it decodes.

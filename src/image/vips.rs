@@ -212,6 +212,12 @@ pub(super) fn sniff(b: &[u8]) -> Option<Kind> {
     }
 }
 
+/// The format of an image from its magic number alone (pure Rust, no libvips call): what an upload
+/// is checked against before anything decodes it. HEIF and AVIF are both reported as AVIF.
+pub fn detect_format(b: &[u8]) -> Option<Format> {
+    sniff(b).map(Kind::format)
+}
+
 /// An ISO-BMFF `ftyp` box whose major or compatible brands name a HEIF/AVIF flavour.
 pub(super) fn is_heif(b: &[u8]) -> bool {
     if b.len() < 16 || &b[4..8] != b"ftyp" {

@@ -138,6 +138,14 @@ impl Source {
         }
     }
 
+    /// The object store of originals, when originals come from one (uploads write there).
+    pub fn object(&self) -> Option<&object::ObjectSource> {
+        match self {
+            Source::Object(s) => Some(s),
+            Source::Http(_) => None,
+        }
+    }
+
     /// Where originals come from, without credentials or query, for logs and the status page
     /// (`http://host/base`, `file:///dir`, `s3://bucket/prefix`).
     pub fn describe(&self) -> String {

@@ -130,6 +130,73 @@ impl ObjectSource {
         Ok(join_chunks(chunks, total))
     }
 
+    /// The current original of `req`, or `None` when there is none (uploads: conditional writes
+    /// compare its ETag). The upload limit applies, not `max_source_bytes`: an original stored by
+    /// an earlier upload may be up to `max_bytes`.
+    pub async fn current(
+        &self,
+        req: &ImageRequest,
+        max_bytes: u64,
+    ) -> Result<Option<Bytes>, SourceError> {
+        let key = self.key_for(req)?;
+        let this = ObjectSource {
+            limits: SourceLimits {
+                max_bytes: max_bytes.max(self.limits.max_bytes),
+                ..self.limits
+            },
+            ..self.clone()
+        };
+        match tokio::time::timeout(self.limits.fetch_timeout, this.read(&key)).await {
+            Err(_elapsed) => Err(SourceError::Timeout),
+            Ok(Err(SourceError::NotFound)) => Ok(None),
+            Ok(result) => result.map(Some),
+        }
+    }
+
+    /// Stores `bytes` as `req`'s original, whole or not at all: one PUT to an object store, a
+    /// temporary file renamed into place on a filesystem.
+    pub async fn store(&self, req: &ImageRequest, bytes: Bytes) -> Result<(), SourceError> {
+        let key = self.key_for(req)?;
+        let put = self
+            .store
+            .put(&key, object_store::PutPayload::from_bytes(bytes));
+        match tokio::time::timeout(self.limits.fetch_timeout, put).await {
+            Err(_elapsed) => Err(SourceError::Timeout),
+            Ok(result) => result.map(drop).map_err(map_store),
+        }
+    }
+
+    /// Whether `req` has an original.
+    pub async fn exists(&self, req: &ImageRequest) -> Result<bool, SourceError> {
+        let key = self.key_for(req)?;
+        match tokio::time::timeout(self.limits.fetch_timeout, self.store.head(&key)).await {
+            Err(_elapsed) => Err(SourceError::Timeout),
+            Ok(Ok(_)) => Ok(true),
+            Ok(Err(object_store::Error::NotFound { .. })) => Ok(false),
+            Ok(Err(e)) => Err(map_store(e)),
+        }
+    }
+
+    /// Deletes `req`'s original; `false` when there was none.
+    pub async fn remove(&self, req: &ImageRequest) -> Result<bool, SourceError> {
+        let key = self.key_for(req)?;
+        let delete = async {
+            match self.store.head(&key).await {
+                Err(object_store::Error::NotFound { .. }) => return Ok(false),
+                Err(e) => return Err(map_store(e)),
+                Ok(_) => {}
+            }
+            match self.store.delete(&key).await {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(true),
+                Err(e) => Err(map_store(e)),
+            }
+        };
+        match tokio::time::timeout(self.limits.fetch_timeout, delete).await {
+            Err(_elapsed) => Err(SourceError::Timeout),
+            Ok(result) => result,
+        }
+    }
+
     /// The store URL (`file:///srv/originals`, `s3://bucket/prefix`).
     pub fn describe(&self) -> String {
         self.described.clone()

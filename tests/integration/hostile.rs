@@ -57,7 +57,7 @@ fn png_chunk(kind: &[u8; 4], data: &[u8]) -> Vec<u8> {
 }
 
 /// A 69-byte PNG whose header claims 100000×100000 RGB (30 GB of pixels).
-fn png_bomb() -> Vec<u8> {
+pub(crate) fn png_bomb() -> Vec<u8> {
     let mut ihdr = Vec::new();
     ihdr.extend_from_slice(&100_000u32.to_be_bytes());
     ihdr.extend_from_slice(&100_000u32.to_be_bytes());
@@ -70,7 +70,7 @@ fn png_bomb() -> Vec<u8> {
 }
 
 /// A real small JPEG whose frame header (SOFn) is patched to claim 65500×65500.
-fn jpeg_bomb() -> Vec<u8> {
+pub(crate) fn jpeg_bomb() -> Vec<u8> {
     let mut jpeg = fixtures::jpeg(16, 16, 80);
     let sof = jpeg
         .windows(2)
@@ -84,7 +84,7 @@ fn jpeg_bomb() -> Vec<u8> {
 
 /// A 1×1 GIF screen whose one 1×1 frame sits at (60000, 60000): libvips 8.14.1 by default builds a
 /// 60001×60001 canvas for it (14.3 GB, measured).
-fn gif_bomb() -> Vec<u8> {
+pub(crate) fn gif_bomb() -> Vec<u8> {
     let mut gif = b"GIF89a".to_vec();
     gif.extend_from_slice(&[1, 0, 1, 0, 0, 0, 0]);
     gif.push(0x2C);
@@ -112,7 +112,7 @@ fn tiff() -> Vec<u8> {
     std::fs::read(&path).expect("tiff")
 }
 
-const SVG: &str = r#"<?xml version="1.0"?>
+pub(crate) const SVG: &str = r#"<?xml version="1.0"?>
 <svg xmlns="http://www.w3.org/2000/svg" width="50000" height="50000"><rect width="50000" height="50000" fill="red"/></svg>
 "#;
 
@@ -125,7 +125,7 @@ trailer<</Root 1 0 R>>
 %%EOF
 ";
 
-const HTML: &str =
+pub(crate) const HTML: &str =
     "<!DOCTYPE html><html><head><title>Not Found</title></head><body>nope</body></html>";
 
 /// One raw HTTP/1.1 exchange: the status code and the whole response text.

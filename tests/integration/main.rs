@@ -21,3 +21,4 @@ mod serve;
 mod source_override;
 mod support;
 mod telemetry;
+mod upload;

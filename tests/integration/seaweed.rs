@@ -85,6 +85,11 @@ impl Seaweed {
         s
     }
 
+    /// The bucket made at start.
+    pub fn bucket(&self) -> &str {
+        &self.bucket
+    }
+
     /// The S3 endpoint URL.
     pub fn endpoint(&self) -> String {
         format!("http://127.0.0.1:{}", self.ports.s3)

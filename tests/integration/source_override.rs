@@ -27,13 +27,13 @@ use image_server::source::raw_origin::{self as raw, Behaviour, RawOrigin};
 
 /// Test DNS: a fixed table of names, every question recorded.
 #[derive(Clone, Default)]
-struct TableResolver {
+pub(crate) struct TableResolver {
     names: HashMap<String, IpAddr>,
     asked: Arc<Mutex<Vec<String>>>,
 }
 
 impl TableResolver {
-    fn new(entries: &[(&str, &str)]) -> TableResolver {
+    pub(crate) fn new(entries: &[(&str, &str)]) -> TableResolver {
         TableResolver {
             names: entries
                 .iter()
