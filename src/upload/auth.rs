@@ -193,6 +193,16 @@ mod tests {
     }
 
     #[test]
+    fn the_signature_is_the_one_the_docs_shell_recipe_makes() {
+        // printf 'PUT\n/avatar/image/5\n%s' 1700000000 | openssl dgst -sha256 -hmac "$KEY" -binary \
+        //   | basenc --base64url | tr -d '='
+        assert_eq!(
+            sign(KEY, &Method::PUT, "/avatar/image/5", 1_700_000_000),
+            "BEi1Cgya-EeEnpAw_gVrtPBx2GTQ9Ogr_Jwv5VBllyc"
+        );
+    }
+
+    #[test]
     fn signed_urls() {
         let none = HeaderMap::new();
         let now = at(1_000_000);
