@@ -357,11 +357,32 @@ async fn concurrent_puts_leave_one_whole_original_and_matching_sizes() {
     );
 }
 
-/// The refusal table: each request, its status, and what was stored (nothing).
+/// The refusal table, on a directory and on S3: each request, its status, and what was stored
+/// (nothing).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refusals_store_nothing() {
-    let store = Store::dir();
-    let server = start(&store, &[("max_upload_bytes", "200KB")]).await;
+    for store in [Store::dir(), Store::S3(Seaweed::start("refusals"))] {
+        refusals_on(&store).await;
+    }
+    // Uploads on, originals from an HTTP origin: 405, with a message that says why.
+    let origin = Origin::start().await;
+    let http = support::start_with_origin(&origin, &[("upload_token", TOKEN)]).await;
+    let resp = put(&http, "/product/image/x", fixtures::jpeg(8, 8, 80)).await;
+    assert_eq!(resp.status(), 405);
+    assert_eq!(header(&resp, "allow"), "GET, HEAD");
+    assert_eq!(
+        resp.text().await.expect("body"),
+        "uploads need source_store\n"
+    );
+    // Uploads off: PUT is the 405 it always was.
+    let off = support::start_with_origin(&origin, &[]).await;
+    let resp = put(&off, "/product/image/x", fixtures::jpeg(8, 8, 80)).await;
+    assert_eq!(resp.status(), 405);
+    assert_eq!(resp.text().await.expect("body"), "method not allowed\n");
+}
+
+async fn refusals_on(store: &Store) {
+    let server = start(store, &[("max_upload_bytes", "200KB")]).await;
     let good = fixtures::jpeg(64, 48, 80);
     let truncated_jpeg = {
         let j = fixtures::jpeg(400, 300, 85);
@@ -522,22 +543,35 @@ async fn refusals_store_nothing() {
     }
     // The server is still whole: a good upload goes through.
     assert_eq!(put(&server, "/product/image/x", good).await.status(), 201);
+}
 
-    // Uploads on, originals from an HTTP origin: 405, with a message that says why.
-    let origin = Origin::start().await;
-    let http = support::start_with_origin(&origin, &[("upload_token", TOKEN)]).await;
-    let resp = put(&http, "/product/image/x", fixtures::jpeg(8, 8, 80)).await;
-    assert_eq!(resp.status(), 405);
-    assert_eq!(header(&resp, "allow"), "GET, HEAD");
+/// The source store down: 503 `store unavailable`, and once it is back, nothing was written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_outage_is_503_and_leaves_nothing() {
+    let mut weed = Seaweed::start("outage");
+    let mut overrides = weed.overrides("results");
+    overrides.push(("source_store".into(), weed.url("originals")));
+    overrides.push(("upload_token".into(), TOKEN.into()));
+    overrides.push(("fetch_timeout".into(), "2s".into()));
+    let pairs: Vec<(&str, &str)> = overrides
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    let server = support::start(support::config(&pairs)).await;
+    weed.stop();
+    let resp = put(&server, "/product/image/o", fixtures::jpeg(64, 48, 80)).await;
+    assert_eq!(resp.status(), 503);
+    assert_eq!(header(&resp, "retry-after"), "1");
+    assert_eq!(resp.text().await.expect("body"), "store unavailable\n");
+    weed.resume();
+    assert!(weed.list("originals").await.is_empty(), "nothing written");
     assert_eq!(
-        resp.text().await.expect("body"),
-        "uploads need source_store\n"
+        put(&server, "/product/image/o", fixtures::jpeg(64, 48, 80))
+            .await
+            .status(),
+        201,
+        "the same upload once the store is back"
     );
-    // Uploads off: PUT is the 405 it always was.
-    let off = support::start_with_origin(&origin, &[]).await;
-    let resp = put(&off, "/product/image/x", fixtures::jpeg(8, 8, 80)).await;
-    assert_eq!(resp.status(), 405);
-    assert_eq!(resp.text().await.expect("body"), "method not allowed\n");
 }
 
 /// Clients that stop: one that disconnects mid-body, one that goes silent (408). Neither leaves an
@@ -562,6 +596,16 @@ async fn clients_that_stop_mid_body_leave_nothing() {
         .await
         .expect("part");
     drop(dropped);
+    // The server notices the disconnect (counted), and the upload place is free again.
+    let mut aborted = 0.0;
+    for _ in 0..100 {
+        aborted = counter(&server, "rejected.upload_aborted").await;
+        if aborted >= 1.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(aborted >= 1.0, "the dropped upload was not counted");
 
     let mut silent = tokio::net::TcpStream::connect(server.addr)
         .await

@@ -507,3 +507,23 @@ fn named_versions_and_upload_keys() {
     assert_eq!(named.cache_key(named.format), plain.cache_key(plain.format));
     assert!(crate::request::ImageRequest::parse("/p/i/1/nameless", &rules).is_err());
 }
+
+#[test]
+fn uploads_without_a_source_store_are_warned_about() {
+    let l = loaded(with(&[("upload_token", "a-token-long-enough-to-pass")]));
+    assert!(l.config.uploads.enabled());
+    assert!(
+        l.warnings.iter().any(|w| w.contains("uploads answer 405")),
+        "{:?}",
+        l.warnings
+    );
+    let l = loaded(load_layers(
+        &inline(
+            "store.toml",
+            "source_store = \"memory://\"\nupload_token = \"a-token-long-enough-to-pass\"\n",
+        ),
+        Vec::new(),
+        &[],
+    ));
+    assert!(l.warnings.is_empty(), "{:?}", l.warnings);
+}
