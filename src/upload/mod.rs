@@ -8,7 +8,7 @@
 //! 1. the path names an original (404), uploads are on (405), a `source_store` is set (405);
 //! 2. the credentials ([`auth`]: 401, 403), before a byte of the body is read;
 //! 3. a place among `max_concurrent_uploads` (503);
-//! 4. the body ([`body`]: 413 by `Content-Length` or while reading, 408 when too slow), or the
+//! 4. the body (`body.rs`: 413 by `Content-Length` or while reading, 408 when too slow), or the
 //!    `?source=` download through the same guard, host list and limits as a request's;
 //! 5. the format, from the bytes (415); the header limits and a full decode through the render pool
 //!    (422);
