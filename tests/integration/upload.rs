@@ -612,6 +612,18 @@ async fn clients_that_stop_mid_body_leave_nothing() {
         .expect("connect");
     silent.write_all(head.as_bytes()).await.expect("head");
     silent.write_all(&[0xFF, 0xD8]).await.expect("part");
+    // While it holds the one upload place, another upload is turned away at once.
+    let mut busy = put(&server, "/product/image/e", fixtures::jpeg(64, 64, 80)).await;
+    for _ in 0..20 {
+        if busy.status() == 503 {
+            break;
+        }
+        // The silent upload had not taken its place yet.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        busy = put(&server, "/product/image/e", fixtures::jpeg(64, 64, 80)).await;
+    }
+    assert_eq!(busy.status(), 503);
+    assert_eq!(header(&busy, "retry-after"), "1");
     let mut answer = Vec::new();
     let read = tokio::time::timeout(Duration::from_secs(10), silent.read_to_end(&mut answer)).await;
     assert!(read.is_ok(), "the silent client was answered and closed");
@@ -619,8 +631,10 @@ async fn clients_that_stop_mid_body_leave_nothing() {
     assert!(text.starts_with("HTTP/1.1 408"), "{text}");
     assert!(text.ends_with("request timeout\n"), "{text}");
 
-    assert!(store.originals().await.is_empty());
+    let left = store.originals().await;
+    assert!(left.iter().all(|p| !p.contains("image/d/")), "{left:?}");
     assert!(counter(&server, "rejected.upload_timeout").await >= 1.0);
+    assert!(counter(&server, "rejected.upload_busy").await >= 1.0);
     // The one upload place is free again.
     assert_eq!(
         put(&server, "/product/image/d", fixtures::jpeg(64, 64, 80))
