@@ -33,23 +33,46 @@ use crate::request::query_values;
 
 type HmacSha256 = Hmac<Sha256>;
 
-/// The MAC over a path and an optional source, as defined in the module documentation.
-fn mac(key: &str, path: &str, source: Option<&str>) -> HmacSha256 {
+/// HMAC-SHA256 under `key` of `parts` joined by newlines: the MAC of signed URLs here and of signed
+/// uploads (`crate::upload::auth`).
+pub(crate) fn mac_of(key: &str, parts: &[&str]) -> HmacSha256 {
     // HMAC accepts keys of any length; `new_from_slice` cannot fail for it.
     let mut mac = <HmacSha256 as Mac>::new_from_slice(key.as_bytes())
         .unwrap_or_else(|_| unreachable!("HMAC takes keys of any length"));
-    mac.update(path.as_bytes());
-    if let Some(source) = source {
-        mac.update(b"\n");
-        mac.update(source.as_bytes());
+    for (i, part) in parts.iter().enumerate() {
+        if i > 0 {
+            mac.update(b"\n");
+        }
+        mac.update(part.as_bytes());
     }
     mac
+}
+
+/// A MAC as a signature parameter: base64url without padding.
+pub(crate) fn encode(mac: HmacSha256) -> String {
+    URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes())
+}
+
+/// Whether `given` is `mac` in the form [`encode`] writes, compared in constant time. The strict
+/// engine refuses padding and non-canonical trailing bits, so one MAC has one spelling.
+pub(crate) fn matches(mac: HmacSha256, given: &str) -> bool {
+    URL_SAFE_NO_PAD
+        .decode(given)
+        .is_ok_and(|tag| mac.verify_slice(&tag).is_ok())
+}
+
+/// The MAC over a path and an optional source, as defined in the module documentation.
+fn mac(key: &str, path: &str, source: Option<&str>) -> HmacSha256 {
+    match source {
+        Some(source) => mac_of(key, &[path, source]),
+        None => mac_of(key, &[path]),
+    }
 }
 
 /// The `s` value for a path (and `?source=` value, decoded). What an application computes to build a
 /// URL: `{path}?s={sign(key, path, None)}`.
 pub fn sign(key: &str, path: &str, source: Option<&str>) -> String {
-    URL_SAFE_NO_PAD.encode(mac(key, path, source).finalize().into_bytes())
+    encode(mac(key, path, source))
 }
 
 /// Checks the signature of a request: `path` as sent (without the query) and its raw query string.
@@ -65,13 +88,11 @@ pub fn verify(key: &str, path: &str, query: Option<&str>) -> Result<(), Error> {
         // Which one was signed? Refuse rather than guess.
         _ => return Err(Error::BadSignature),
     };
-    // The strict engine refuses padding and non-canonical trailing bits, so one MAC has one spelling.
-    let tag = URL_SAFE_NO_PAD
-        .decode(given)
-        .map_err(|_| Error::BadSignature)?;
-    mac(key, path, source)
-        .verify_slice(&tag)
-        .map_err(|_| Error::BadSignature)
+    if matches(mac(key, path, source), given) {
+        Ok(())
+    } else {
+        Err(Error::BadSignature)
+    }
 }
 
 #[cfg(test)]
