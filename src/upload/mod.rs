@@ -27,6 +27,7 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::SystemTime;
 
 use bytes::Bytes;
+use headers::{ETag, HeaderMapExt, IfMatch, IfNoneMatch};
 use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
 use hyper::body::Body as HttpBody;
@@ -360,37 +361,35 @@ impl App {
         original: &ImageRequest,
         headers: &HeaderMap,
     ) -> Result<bool, Error> {
-        let if_match = header_text(headers, header::IF_MATCH);
-        let if_none_match = header_text(headers, header::IF_NONE_MATCH);
-        let current_etag = match &if_match {
-            // Only If-Match needs the bytes, to compare their ETag.
-            Some(_) => store
-                .current(original, self.config.uploads.max_upload_bytes.bytes())
-                .await
-                .map_err(UploadError::store)?
-                .map(|bytes| etag_for(&bytes)),
-            None => None,
-        };
+        // The `headers` crate's typed validators, as for GETs (`crate::conditional`); one that
+        // does not parse is a precondition that cannot hold.
+        let if_match = headers
+            .typed_try_get::<IfMatch>()
+            .map_err(|_| UploadError::Precondition)?;
+        let create_only = headers
+            .typed_try_get::<IfNoneMatch>()
+            .map_err(|_| UploadError::Precondition)?
+            .is_some_and(|inm| inm == IfNoneMatch::any());
         let exists = match &if_match {
-            Some(_) => current_etag.is_some(),
+            // Only If-Match needs the bytes, to compare their ETag.
+            Some(if_match) => {
+                let current = store
+                    .current(original, self.config.uploads.max_upload_bytes.bytes())
+                    .await
+                    .map_err(UploadError::store)?;
+                let holds = current
+                    .as_ref()
+                    .and_then(|bytes| etag_for(bytes).parse::<ETag>().ok())
+                    .is_some_and(|etag| if_match.precondition_passes(&etag));
+                if !holds {
+                    return Err(UploadError::Precondition.into());
+                }
+                true
+            }
             None => store.exists(original).await.map_err(UploadError::store)?,
         };
-        if let Some(list) = &if_match {
-            let holds = match &current_etag {
-                None => false,
-                Some(etag) => list
-                    .split(',')
-                    .map(str::trim)
-                    .any(|tag| tag == "*" || tag == etag),
-            };
-            if !holds {
-                return Err(UploadError::Precondition.into());
-            }
-        }
-        if let Some(list) = &if_none_match {
-            if exists && list.split(',').map(str::trim).any(|tag| tag == "*") {
-                return Err(UploadError::Precondition.into());
-            }
+        if create_only && exists {
+            return Err(UploadError::Precondition.into());
         }
         Ok(exists)
     }
@@ -446,8 +445,10 @@ impl App {
     /// A CORS preflight for a signed upload from a page on an origin in `upload_cors_origins`.
     fn preflight(&self, headers: &HeaderMap) -> Result<Response<Body>, Error> {
         let origin = self.cors_origin(headers).ok_or(UploadError::Forbidden)?;
-        let method = header_text(headers, header::ACCESS_CONTROL_REQUEST_METHOD);
-        if !matches!(method.as_deref(), Some("PUT" | "POST" | "DELETE")) {
+        let method = headers
+            .get(header::ACCESS_CONTROL_REQUEST_METHOD)
+            .and_then(|m| m.to_str().ok());
+        if !matches!(method, Some("PUT" | "POST" | "DELETE")) {
             return Err(UploadError::Forbidden.into());
         }
         let mut response = Response::new(Body::default());
@@ -479,15 +480,6 @@ impl App {
             .contains(&text)
             .then(|| origin.clone())
     }
-}
-
-fn header_text(headers: &HeaderMap, name: header::HeaderName) -> Option<String> {
-    let values: Vec<&str> = headers
-        .get_all(name)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .collect();
-    (!values.is_empty()).then(|| values.join(","))
 }
 
 #[cfg(test)]
