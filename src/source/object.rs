@@ -69,16 +69,16 @@ impl ObjectSource {
     /// Fetches `req`'s original within the limits.
     pub async fn fetch(&self, req: &ImageRequest) -> Result<Bytes, SourceError> {
         let key = self.key_for(req)?;
-        match tokio::time::timeout(self.limits.fetch_timeout, self.read(&key)).await {
+        let read = self.read(&key, self.limits.max_bytes);
+        match tokio::time::timeout(self.limits.fetch_timeout, read).await {
             Ok(result) => result,
             Err(_elapsed) => Err(SourceError::Timeout),
         }
     }
 
-    /// The read itself, without the deadline (the caller owns it).
-    async fn read(&self, key: &StorePath) -> Result<Bytes, SourceError> {
+    /// The read itself, at most `max` bytes, without the deadline (the caller owns it).
+    async fn read(&self, key: &StorePath, max: u64) -> Result<Bytes, SourceError> {
         let result = self.store.get(key).await.map_err(map_store)?;
-        let max = self.limits.max_bytes;
         // The size comes with the GET's own response, so this refuses before reading the body.
         if result.meta.size > max {
             return Err(SourceError::TooLarge);
@@ -139,14 +139,8 @@ impl ObjectSource {
         max_bytes: u64,
     ) -> Result<Option<Bytes>, SourceError> {
         let key = self.key_for(req)?;
-        let this = ObjectSource {
-            limits: SourceLimits {
-                max_bytes: max_bytes.max(self.limits.max_bytes),
-                ..self.limits
-            },
-            ..self.clone()
-        };
-        match tokio::time::timeout(self.limits.fetch_timeout, this.read(&key)).await {
+        let read = self.read(&key, max_bytes.max(self.limits.max_bytes));
+        match tokio::time::timeout(self.limits.fetch_timeout, read).await {
             Err(_elapsed) => Err(SourceError::Timeout),
             Ok(Err(SourceError::NotFound)) => Ok(None),
             Ok(result) => result.map(Some),
