@@ -87,7 +87,14 @@ impl App {
                 .headers_mut()
                 .insert(header::VARY, HeaderValue::from_static("Accept"));
         }
-        self.finish(&req, response, started, tier, kind)
+        self.finish(
+            req.method(),
+            req.uri().path(),
+            response,
+            started,
+            tier,
+            kind,
+        )
     }
 
     /// Uploads, deletes and their CORS preflights ([`crate::upload`]): never stored by a cache, and
@@ -97,11 +104,10 @@ impl App {
         B: HttpBody<Data = Bytes>,
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
-        // What the log line and CORS need, before the body is taken.
-        let (parts, body) = req.into_parts();
-        let cors = self.cors_origin(&parts.headers);
-        let head = Request::from_parts(parts.clone(), ());
-        let result = self.upload(Request::from_parts(parts, body)).await;
+        // What the log line and CORS need, before the request (and its body) is taken.
+        let (method, uri) = (req.method().clone(), req.uri().clone());
+        let cors = self.cors_origin(req.headers());
+        let result = self.upload(req).await;
         let (mut response, kind) = match result {
             Ok(response) => (response, None),
             Err(err) => {
@@ -143,13 +149,14 @@ impl App {
                 .headers_mut()
                 .insert(header::CONTENT_LENGTH, HeaderValue::from(len));
         }
-        self.finish(&head, response, started, None, kind)
+        self.finish(&method, uri.path(), response, started, None, kind)
     }
 
     /// The common end of every image-port answer: hand-over, counters, the log line.
-    fn finish<B>(
+    fn finish(
         &self,
-        req: &Request<B>,
+        method: &Method,
+        path: &str,
         mut response: Response<Body>,
         started: Instant,
         tier: Option<Tier>,
@@ -171,8 +178,8 @@ impl App {
         m::time(m::TIME_TOTAL, started.elapsed());
         // (The field expressions are only evaluated when the line is logged.)
         tracing::info!(
-            method = %req.method(),
-            path = shown_path(req.uri().path()),
+            method = %method,
+            path = shown_path(path),
             status = status.as_u16(),
             bytes = %response
                 .headers()
