@@ -11,7 +11,7 @@ use bytes::Bytes;
 use super::{Origin, Pipeline};
 use crate::cache::Variant;
 use crate::error::Error;
-use crate::image::{ImageError, RenderSpec};
+use crate::image::ImageError;
 use crate::metrics as m;
 use crate::request::{Format, ImageRequest};
 
@@ -39,16 +39,11 @@ impl Pipeline {
     ) -> Result<(Format, crate::image::geometry::Size), ImageError> {
         let inner = &self.inner;
         let (format, size) = inner.processor.inspect_upright(original.clone()).await?;
-        let spec = RenderSpec {
+        let check = ImageRequest {
             version: crate::request::Version::Width(CHECK_WIDTH),
-            format: Format::Jpeg,
-            quality: 50,
-            gravity: inner.config.rendering.crop_gravity,
-            enlarge: false,
-            background: inner.config.rendering.background,
-            progressive: false,
-            avif_effort: inner.config.rendering.avif_effort,
+            ..crate::source::probe_request()
         };
+        let spec = inner.spec(&check, Format::Jpeg);
         inner.processor.render(original, spec).await?;
         Ok((format, size))
     }
