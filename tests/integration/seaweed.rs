@@ -85,11 +85,6 @@ impl Seaweed {
         s
     }
 
-    /// The bucket made at start.
-    pub fn bucket(&self) -> &str {
-        &self.bucket
-    }
-
     /// The S3 endpoint URL.
     pub fn endpoint(&self) -> String {
         format!("http://127.0.0.1:{}", self.ports.s3)
@@ -197,5 +192,44 @@ impl Seaweed {
 impl Drop for Seaweed {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+impl Seaweed {
+    /// Keys below `prefix` in the bucket.
+    pub async fn list(&self, prefix: &str) -> Vec<String> {
+        use futures::TryStreamExt;
+        use object_store::ObjectStore;
+        let store = self.client();
+        let prefix = object_store::path::Path::from(prefix);
+        let listed: Vec<_> = store.list(Some(&prefix)).try_collect().await.expect("list");
+        listed.into_iter().map(|m| m.location.to_string()).collect()
+    }
+
+    /// One object's bytes.
+    pub async fn get(&self, key: &str) -> Vec<u8> {
+        use object_store::ObjectStoreExt;
+        let store = self.client();
+        store
+            .get(&object_store::path::Path::from(key))
+            .await
+            .expect("get")
+            .bytes()
+            .await
+            .expect("bytes")
+            .to_vec()
+    }
+
+    /// An S3 client of the bucket, to look at what the server stored.
+    fn client(&self) -> object_store::aws::AmazonS3 {
+        object_store::aws::AmazonS3Builder::new()
+            .with_bucket_name(&self.bucket)
+            .with_endpoint(self.endpoint())
+            .with_allow_http(true)
+            .with_access_key_id(ACCESS_KEY)
+            .with_secret_access_key(SECRET_KEY)
+            .with_region("us-east-1")
+            .build()
+            .expect("S3 client")
     }
 }

@@ -19,7 +19,7 @@ use image_server::upload::auth;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::hostile;
-use crate::seaweed::{self, Seaweed};
+use crate::seaweed::Seaweed;
 use crate::source_override::TableResolver;
 use crate::support::{self, client, counter, header, probe, Origin};
 
@@ -817,42 +817,4 @@ async fn post_ingest_from_a_source_url_renders_the_outputs() {
         .await
         .iter()
         .all(|p| !p.contains("avatar/1/")));
-}
-
-impl Seaweed {
-    /// Keys below `prefix` in the bucket, relative to it.
-    async fn list(&self, prefix: &str) -> Vec<String> {
-        use futures::TryStreamExt;
-        use object_store::ObjectStore;
-        let store = self.client();
-        let prefix = object_store::path::Path::from(prefix);
-        let listed: Vec<_> = store.list(Some(&prefix)).try_collect().await.expect("list");
-        listed.into_iter().map(|m| m.location.to_string()).collect()
-    }
-
-    /// One object's bytes.
-    async fn get(&self, key: &str) -> Vec<u8> {
-        use object_store::ObjectStoreExt;
-        let store = self.client();
-        store
-            .get(&object_store::path::Path::from(key))
-            .await
-            .expect("get")
-            .bytes()
-            .await
-            .expect("bytes")
-            .to_vec()
-    }
-
-    fn client(&self) -> object_store::aws::AmazonS3 {
-        object_store::aws::AmazonS3Builder::new()
-            .with_bucket_name(self.bucket())
-            .with_endpoint(self.endpoint())
-            .with_allow_http(true)
-            .with_access_key_id(seaweed::ACCESS_KEY)
-            .with_secret_access_key(seaweed::SECRET_KEY)
-            .with_region("us-east-1")
-            .build()
-            .expect("S3 client")
-    }
 }
