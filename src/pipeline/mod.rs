@@ -217,20 +217,21 @@ impl Pipeline {
         m::incr(m::CACHE_MEMORY_MISS);
         // Boxed: everything below (the single-flight wait, the load it may start) would otherwise be
         // part of this future's size, which is moved several times per request on the hit path too.
-        Box::pin(self.serve_miss(req, format, origin, key)).await
+        Box::pin(self.serve_miss(req, format, origin, key, revision)).await
     }
 
-    /// The memory cache did not have `key`: negative entry, then a single-flight load.
+    /// The memory cache did not have `key` at `revision` of its original (read once, by the
+    /// caller): negative entry, then a single-flight load.
     async fn serve_miss(
         &self,
         req: &ImageRequest,
         format: Format,
         origin: &Origin,
         key: CacheKey,
+        revision: u64,
     ) -> Result<Served, Error> {
         let inner = &self.inner;
         let original = origin.negative_key(req);
-        let revision = inner.revisions.of(&req.model, &req.kind, &req.id);
         if inner.memory.is_not_found(&original, revision).await {
             return Err(SourceError::NotFound.into());
         }
