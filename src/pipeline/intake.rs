@@ -30,7 +30,7 @@ const OUTPUT_RETRIES: [Duration; 4] = [
 
 impl Pipeline {
     /// Checks an original taken in by an upload the way a render would see it: the format and the
-    /// header limits ([`Processor::inspect_upright`]), then a full decode, as a small render
+    /// header limits ([`crate::image::Processor::inspect_upright`]), then a full decode, as a small render
     /// through the pool under every render limit (memory, slot, `render_timeout`). Returns the
     /// format and the upright size.
     pub async fn check_original(
