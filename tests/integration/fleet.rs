@@ -149,6 +149,36 @@ impl Fleet {
         }
     }
 
+    /// The last lines of every log the fleet wrote (instances, SeaweedFS, nginx's error log and
+    /// the non-200 lines of its access log), for a failed phase.
+    fn print_logs(&self) {
+        let logs = self.dir.path().join("logs");
+        let nginx = self.dir.path().join("nginx");
+        let mut files: Vec<_> = std::fs::read_dir(&logs)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path())
+            .collect();
+        files.push(nginx.join("error.log"));
+        for path in files {
+            let text = std::fs::read_to_string(&path).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            let tail = &lines[lines.len().saturating_sub(40)..];
+            eprintln!("--- {}:\n{}", path.display(), tail.join("\n"));
+        }
+        let access = std::fs::read_to_string(nginx.join("access.log")).unwrap_or_default();
+        let failed: Vec<&str> = access
+            .lines()
+            .filter(|l| !l.contains("upstream_status=200 "))
+            .collect();
+        eprintln!(
+            "--- nginx access log, other than one upstream answering 200 ({}):\n{}",
+            failed.len(),
+            failed[..failed.len().min(40)].join("\n")
+        );
+    }
+
     /// Every PID the fleet recorded (SeaweedFS, nginx, instances).
     fn pids(&self) -> Vec<(String, u32)> {
         self.env
@@ -161,6 +191,9 @@ impl Fleet {
 
 impl Drop for Fleet {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.print_logs();
+        }
         let out = self.command(&["down"]);
         if !out.status.success() {
             eprintln!(
@@ -217,16 +250,24 @@ async fn fleet_renders_once_survives_a_killed_instance_and_a_restart_reads_the_s
         tasks.push(tokio::spawn(async move {
             let resp = c.get(&url).send().await.expect("through nginx");
             let (status, by) = (resp.status().as_u16(), answered_by(&resp));
-            (status, by, resp.bytes().await.expect("body"))
+            let upstream = header(&resp, "x-upstream");
+            (status, by, upstream, resp.bytes().await.expect("body"))
         }));
     }
     let mut bodies: BTreeSet<Bytes> = BTreeSet::new();
     let mut statuses: BTreeMap<u16, usize> = BTreeMap::new();
     let mut by: BTreeSet<String> = BTreeSet::new();
+    let mut others = Vec::new();
     for t in tasks {
-        let (status, addr, body) = t.await.expect("task");
+        let (status, addr, upstream, body) = t.await.expect("task");
         *statuses.entry(status).or_default() += 1;
         by.insert(addr);
+        if status != 200 || upstream.contains(',') {
+            others.push(format!(
+                "{status} via [{upstream}]: {:?}",
+                &body[..body.len().min(60)]
+            ));
+        }
         bodies.insert(body);
     }
     origin.set_delay(Duration::ZERO);
@@ -241,9 +282,13 @@ async fn fleet_renders_once_survives_a_killed_instance_and_a_restart_reads_the_s
         origin.hits("product/image/1"),
         fleet.sum(&all, "coalesced").await,
     );
-    assert_eq!(statuses.get(&200), Some(&300), "every request answered 200");
+    assert_eq!(
+        statuses.get(&200),
+        Some(&300),
+        "every request answered 200: {statuses:?}, others {others:?}"
+    );
     assert_eq!(bodies.len(), 1, "identical bytes for all 300");
-    assert_eq!(by.len(), 1, "one path, one instance: {by:?}");
+    assert_eq!(by.len(), 1, "one path, one instance: {by:?}, {others:?}");
     assert_eq!(origin.hits("product/image/1"), 1, "one origin fetch");
     assert_eq!(renders, 1.0, "one render in the whole fleet");
     assert_eq!(downloads, 1.0, "one download in the whole fleet");
