@@ -137,15 +137,7 @@ async fn serve(mut config: Config) -> anyhow::Result<ExitCode> {
     };
     let (listener, status) = match inherited {
         Some(pair) => pair,
-        None => (
-            tokio::net::TcpListener::bind((
-                config.listen.listen_address,
-                config.listen.server_port,
-            ))
-            .await?,
-            tokio::net::TcpListener::bind((config.listen.status_ip(), config.listen.status_port))
-                .await?,
-        ),
+        None => server::bind_ports(&config)?,
     };
     tracing::info!(
         image = %listener.local_addr()?,

@@ -50,6 +50,10 @@ pub struct Listen {
     /// open-files limit).
     #[serde(deserialize_with = "de::int::<_, _, 1, 10_000_000>")]
     pub max_connections: usize,
+    /// Length of each port's queue of connections the kernel has completed but the server has not
+    /// yet accepted (`listen(2)`'s backlog; the kernel caps it at `net.core.somaxconn`).
+    #[serde(deserialize_with = "de::int::<_, _, 1, 65_535>")]
+    pub listen_backlog: u32,
     /// Requests in progress at once on one HTTP/2 connection.
     #[serde(deserialize_with = "de::int::<_, _, 1, MAX_WORKERS>")]
     pub http2_max_concurrent_streams: u32,

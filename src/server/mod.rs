@@ -83,6 +83,29 @@ async fn publish_gauges(app: Arc<App>, mut stop: watch::Receiver<bool>) {
     }
 }
 
+/// Binds the image port and the status port from `config`, each with `listen_backlog` as its
+/// accept queue (port 0 picks a free one). Must run inside the tokio runtime.
+pub fn bind_ports(config: &Config) -> std::io::Result<(TcpListener, TcpListener)> {
+    let l = &config.listen;
+    let image = listen((l.listen_address, l.server_port).into(), l.listen_backlog)?;
+    let status = listen((l.status_ip(), l.status_port).into(), l.listen_backlog)?;
+    Ok((image, status))
+}
+
+/// A listening socket on `addr` with `SO_REUSEADDR` (a restarted server binds a port whose old
+/// connections linger in TIME_WAIT), as `TcpListener::bind` does, but with the backlog given: the
+/// default (128 through mio) drops the handshakes of a burst from a load balancer.
+fn listen(addr: SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(backlog)
+}
+
 /// Raises the open-files soft limit to the hard limit and returns the `max_connections` that fits
 /// in it, with the warning to log when that is less than configured. Each client connection is one
 /// descriptor; the status port's budget, the outbound connections (`download_concurrency` and
@@ -456,13 +479,7 @@ impl Running {
 /// Binds both ports from `app.config` (port 0 picks a free one) and serves in the background.
 pub async fn start(app: App) -> std::io::Result<Running> {
     let app = Arc::new(app);
-    let listener = TcpListener::bind((
-        app.config.listen.listen_address,
-        app.config.listen.server_port,
-    ))
-    .await?;
-    let status =
-        TcpListener::bind((app.config.listen.status_ip(), app.config.listen.status_port)).await?;
+    let (listener, status) = bind_ports(&app.config)?;
     let addr = listener.local_addr()?;
     let status_addr = status.local_addr()?;
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
@@ -529,5 +546,44 @@ mod tests {
         assert!(warning.contains("10000") && warning.contains("428") && warning.contains("1024"));
         // A limit below the overhead still leaves one connection, never zero.
         assert_eq!(connections_within(100, 20, 10).0, 1);
+    }
+
+    /// Opens `n` connections at once to a listener that accepts none; how many completed their
+    /// handshake within `wait` (the kernel queues at most backlog + 1 and drops the SYNs of the
+    /// rest, which retry after a second).
+    async fn handshakes(listener: &TcpListener, n: usize, wait: Duration) -> usize {
+        let addr = listener.local_addr().expect("addr");
+        let tries = (0..n).map(|_| tokio::time::timeout(wait, TcpStream::connect(addr)));
+        let done = futures::future::join_all(tries).await;
+        done.into_iter().filter(|r| matches!(r, Ok(Ok(_)))).count()
+    }
+
+    #[tokio::test]
+    async fn the_backlog_holds_a_burst_the_server_has_not_accepted_yet() {
+        // A burst of 300 (a load balancer's cold start) against the default listen_backlog: every
+        // handshake completes though nothing is accepted yet.
+        let pairs = [
+            ("source_domain", "http://origin.example"),
+            ("listen_address", "127.0.0.1"),
+            ("server_port", "0"),
+            ("status_port", "0"),
+        ]
+        .map(|(k, v)| (k.to_owned(), v.to_owned()));
+        let config = crate::config::load_layers(&crate::config::FileSource::None, vec![], &pairs)
+            .expect("config")
+            .config;
+        assert_eq!(config.listen.listen_backlog, 1024);
+        let (image, status) = bind_ports(&config).expect("bind");
+        assert_eq!(
+            handshakes(&image, 300, Duration::from_millis(500)).await,
+            300
+        );
+        assert_eq!(
+            handshakes(&status, 300, Duration::from_millis(500)).await,
+            300
+        );
+        // The check can fail: a short queue takes backlog + 1 and leaves the rest waiting.
+        let short = listen("127.0.0.1:0".parse().expect("addr"), 8).expect("bind");
+        assert_eq!(handshakes(&short, 40, Duration::from_millis(300)).await, 9);
     }
 }

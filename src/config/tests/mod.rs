@@ -73,8 +73,12 @@ fn defaults_load_and_validate() {
     assert_eq!((l.server_port, l.status_port), (7000, 7001));
     assert_eq!((l.status_address, l.status_ip()), (None, l.listen_address));
     assert_eq!(
-        (l.http2_max_concurrent_streams, l.max_connections),
-        (100, 10_000)
+        (
+            l.http2_max_concurrent_streams,
+            l.max_connections,
+            l.listen_backlog
+        ),
+        (100, 10_000, 1024)
     );
     let o = &c.originals;
     assert_eq!(

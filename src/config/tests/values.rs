@@ -11,6 +11,7 @@ fn every_bad_value_names_its_key() {
         ("server_port", "http", "expected an integer"),
         ("status_port", "7000", "must differ from server_port"),
         ("max_connections", "0", "between 1"),
+        ("listen_backlog", "0", "between 1 and 65535"),
         ("source_domain", "ftp://x.example", "http"),
         ("source_domain", "not a url", "http"),
         ("source_domain", "http://x.example/?a=1", "query"),
